@@ -1,0 +1,66 @@
+"""Wall time of `dvc repro` for a profile, with the time of each stage, on this machine.
+
+By default the working tree is copied into a temporary folder (as a fresh clone would hold it, without
+DVC outputs or reports), so nothing here changes; --in-place runs in the repository itself (that is
+how the committed default-profile reports were made).
+
+    python benchmarks/pipeline_walltime.py --profile smoke
+    python benchmarks/pipeline_walltime.py --profile default --in-place
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_copy(dst: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file() and not rel.startswith("reports/") and rel != "dvc.lock":
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="smoke")
+    parser.add_argument("--in-place", action="store_true")
+    args = parser.parse_args()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = ROOT if args.in_place else Path(tmp)
+        if not args.in_place:
+            fresh_copy(repo)
+        subprocess.run(["tema", "profile", args.profile], cwd=repo, env=env, check=True, capture_output=True)
+        start = time.perf_counter()
+        stages: list[tuple[str, float]] = []
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            match = re.match(r"Running stage '([^']+)'", line)
+            if match:
+                stages.append((match.group(1), time.perf_counter()))
+                print(line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"dvc repro failed with exit code {proc.returncode}")
+        total = time.perf_counter() - start
+    ends = [t for _, t in stages[1:]] + [start + total]
+    print(f"\nprofile {args.profile}: dvc repro {total:.0f} s ({total / 60:.1f} min)")
+    for (name, began), ended in sorted(zip(stages, ends), key=lambda x: x[0][1] - x[1]):
+        print(f"  {name:40s} {ended - began:8.1f} s  {100 * (ended - began) / total:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()

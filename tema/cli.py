@@ -1,0 +1,54 @@
+"""The `tema` command: run a stage notebook (what dvc.yaml calls) and switch parameter profiles."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from tema import config
+
+
+def parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def apply_profile(name: str) -> Path:
+    """Write params.yaml = the embedded defaults (profiles/default.yaml) overlaid with profiles/<name>.yaml."""
+    root = config.repo_root()
+    base = config.load_params(root / "profiles" / "default.yaml")
+    if name != "default":
+        path = root / "profiles" / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
+            raise SystemExit(f"unknown profile {name!r}: {path} not found; profiles: {known}")
+        base = config.deep_merge(base, config.load_params(path))
+    header = f"# Written by `tema profile {name}` from profiles/. Edit profiles/*.yaml, not this file.\n"
+    out = root / "params.yaml"
+    out.write_text(header + yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tema", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run-notebook", help="execute a notebook with papermill into an ipynb + HTML report")
+    run.add_argument("notebook")
+    run.add_argument("output")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    prof = sub.add_parser("profile", help="write params.yaml for a profile (default, smoke, ...)")
+    prof.add_argument("name")
+    args = parser.parse_args(argv)
+    if args.command == "run-notebook":
+        from tema.notebook import execute
+
+        execute(args.notebook, args.output, {k: parse_value(v) for k, v in args.parameter})
+    elif args.command == "profile":
+        print(f"wrote {apply_profile(args.name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

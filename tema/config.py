@@ -1,0 +1,66 @@
+"""Repository paths and params.yaml, resolved the same way from the shell, DVC and JupyterLab."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A parameter in params.yaml is missing or has the wrong type or value."""
+
+
+def repo_root() -> Path:
+    """The repository root: the first folder holding dvc.yaml, from the cwd upward, else beside the package.
+
+    Notebooks run from notebooks/ (JupyterLab) or from the root (papermill); both resolve here.
+    """
+    for folder in [Path.cwd(), *Path.cwd().parents]:
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    here = Path(__file__).resolve().parents[1]
+    if (here / "params.yaml").is_file():
+        return here
+    raise FileNotFoundError("cannot find the repository root (a folder with dvc.yaml and params.yaml)")
+
+
+def load_params(path: str | Path | None = None) -> dict[str, Any]:
+    path = Path(path) if path else repo_root() / "params.yaml"
+    with open(path, encoding="utf-8") as f:
+        params = yaml.safe_load(f)
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def get(params: dict[str, Any], dotted: str, kind: type | tuple[type, ...] | None = None) -> Any:
+    """params['a']['b'] for 'a.b', with a message naming the parameter when it is missing or mistyped."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ParamsError(f"params.yaml: missing parameter '{dotted}'")
+        node = node[part]
+    if kind is not None:
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(node, kinds) or (isinstance(node, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ParamsError(f"params.yaml: '{dotted}' must be {names}, got {node!r}")
+    return node
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def dataset_dir(kind: str, dataset: str) -> Path:
+    """Where a stage keeps its outputs for one dataset: data/<kind>/<dataset>."""
+    return repo_root() / "data" / kind / dataset

@@ -1,0 +1,90 @@
+"""Stage `evaluate`: every trained run of a dataset under both protocols, on valid and test.
+
+Outputs: data/eval/<dataset>/per_user.parquet (rank and metrics of every example, model, seed,
+split and protocol: the input of paired tests) and reports/<dataset>/metrics.json (test mean and std
+over seeds, for `dvc metrics show`) with the same numbers in reports/<dataset>/results.csv.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from tema import config, data
+from tema.prepare import load_candidates
+from tema.protocols import METRICS, PROTOCOLS, evaluate_split
+from tema.train import model_params
+from tema.training import TrainConfig, load_run
+
+
+def evaluate_all(dataset_name: str, params: dict[str, Any]) -> pd.DataFrame:
+    cfg = TrainConfig.from_params(params)
+    models = config.get(params, "models", list)
+    prepared = config.dataset_dir("prepared", dataset_name)
+    dataset = data.load(dataset_name, prepared)
+    space_ranges = {d: dataset.domain_range(d) for d in data.DOMAINS}
+    splits = {s: (dataset.split(s), load_candidates(prepared, s, dataset.split(s))) for s in ("valid", "test")}
+    frames = []
+    for model in models:
+        for seed in cfg.seeds:
+            run_dir = config.dataset_dir("runs", dataset_name) / model / f"seed{seed}"
+            recommender = load_run(dataset, model, model_params(params, model), cfg, run_dir)
+            for split, (examples, candidates) in splits.items():
+                per_user = evaluate_split(recommender.score, examples, space_ranges, candidates, cfg.eval_batch_size, PROTOCOLS)
+                frames.append(per_user.assign(model=model, seed=seed, split=split))
+    columns = ["model", "seed", "split", "protocol", "domain", "user", "rank", *METRICS]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def summarize_seeds(per_user: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Mean and std over seeds of each metric's per-seed mean: one row per model, protocol, domain."""
+    rows = per_user[per_user["split"] == split]
+    per_seed = rows.groupby(["model", "protocol", "domain", "seed"], sort=False)[list(METRICS)].mean()
+    grouped = per_seed.groupby(level=["model", "protocol", "domain"], sort=False)
+    mean, count = grouped.mean(), grouped.size()
+    std = grouped.std(ddof=1).fillna(0.0)  # one seed: no spread
+    table = pd.concat({"mean": mean, "std": std}, axis=1).reset_index()
+    table.columns = ["_".join(c).strip("_") if isinstance(c, tuple) else c for c in table.columns]
+    table.insert(3, "seeds", count.to_numpy())
+    return table
+
+
+def metrics_json(summary: pd.DataFrame) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in summary.to_dict("records"):
+        node = out.setdefault(r["model"], {}).setdefault(r["protocol"], {}).setdefault(r["domain"], {})
+        for metric in METRICS:
+            key = metric.replace("@", "_")
+            node[key] = round(float(r[f"mean_{metric}"]), 6)
+            node[f"{key}_std"] = round(float(r[f"std_{metric}"]), 6)
+    return out
+
+
+def run(dataset_name: str, params: dict[str, Any]) -> pd.DataFrame:
+    per_user = evaluate_all(dataset_name, params)
+    eval_dir = config.dataset_dir("eval", dataset_name)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    per_user.to_parquet(eval_dir / "per_user.parquet", index=False)
+    summary = summarize_seeds(per_user)
+    order = {m: i for i, m in enumerate(config.get(params, "models", list))}
+    summary = summary.sort_values(["protocol", "domain", "model"], key=lambda c: c.map(order) if c.name == "model" else c)
+    report_dir = config.repo_root() / "reports" / dataset_name
+    report_dir.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(report_dir / "results.csv", index=False, float_format="%.6f")
+    (report_dir / "metrics.json").write_text(json.dumps(metrics_json(summary), indent=2) + "\n")
+    return summary
+
+
+def format_table(summary: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
+    """Models x (protocol, domain, metric) with 'mean ± std' cells, for reports."""
+    cells = summary.copy()
+    for m in metrics:
+        cells[m] = [f"{a:.4f} ± {b:.4f}" for a, b in zip(cells[f"mean_{m}"], cells[f"std_{m}"])]
+    wide = cells.pivot(index="model", columns=["protocol", "domain"], values=list(metrics))
+    wide = wide.reorder_levels([1, 2, 0], axis=1)
+    ordered = [(p, d, m) for p in PROTOCOLS for d in data.DOMAINS for m in metrics if (p, d, m) in wide.columns]
+    models = list(dict.fromkeys(summary["model"]))
+    return wide.loc[models, ordered]
+

@@ -1,0 +1,7 @@
+"""Recommenders, built by name from params.yaml through the registry."""
+
+from tema.models import gru4rec, popularity, sasrec  # noqa: F401  (each registers itself)
+from tema.models.base import ItemSpace, SequenceRecommender, pad_histories
+from tema.models.registry import MODELS, build
+
+__all__ = ["MODELS", "ItemSpace", "SequenceRecommender", "build", "pad_histories"]

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+def write_raw(raw_root: Path, dataset: str, files: dict[str, bytes], checksums: dict[str, bytes] | None = None) -> None:
+    """A vendored-style raw dataset: gzip files plus a SHA256SUMS of their decompressed bytes."""
+    (raw_root / dataset).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, content in files.items():
+        (raw_root / dataset / f"{name}.gz").write_bytes(gzip.compress(content, mtime=0))
+        digest = hashlib.sha256((checksums or {}).get(name, content)).hexdigest()
+        lines.append(f"{digest}  {dataset}/{name}")
+    (raw_root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+
+def food_kitchen_files(**override: bytes) -> dict[str, bytes]:
+    """A tiny food-kitchen in the upstream format: 4 items in A (0-3), 5 in B (4-8)."""
+    items = ["global_idx\tdomain\tlocal_idx\tasin\ttitle"]
+    items += [f"{i}\tA\t{i}\tASIN{i}\tFood &amp; item {i}" for i in range(4)]
+    items += [f"{i}\tB\t{i - 4}\tASIN{i}\tKitchen item {i}" for i in range(4, 9)]
+    files = {
+        "num.txt": b"4\n5\n",
+        "items.tsv": ("\n".join(items) + "\n").encode(),
+        "train_A.txt": b"1\t0,1,2\n2\t1,2,3\n",
+        "train_B.txt": b"1\t4,5,6\n2\t5,6,7,8\n",
+        "train_overlap.txt": b"1\t0,4,1,5\n",
+        "valid.txt": b"1\t0,4,2\n2\t1,5,6\n",
+        "test.txt": b"1\t2,6,3\n2\t3,7,8\n",
+    }
+    files.update(override)
+    return files

@@ -1,0 +1,83 @@
+"""End to end: the smoke profile through `dvc repro` (papermill executing every stage notebook)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tema.protocols import METRICS, PROTOCOLS
+
+MODELS = ["popularity", "gru4rec", "sasrec"]
+
+
+def sh(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TEMA_PROGRESS": "0"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def report_files(repo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted((repo / "reports").rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory, root) -> Path:
+    """A copy of the working tree (what a fresh clone holds) with the smoke profile reproduced."""
+    repo = tmp_path_factory.mktemp("clone")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = root / rel
+        if src.is_file() and not rel.startswith("reports/") and rel != "dvc.lock":
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    sh("git", "init", "-q", cwd=repo)
+    sh("tema", "profile", "smoke", cwd=repo)
+    sh("dvc", "repro", cwd=repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_reports_every_model_protocol_and_domain(smoke_repo):
+    metrics = json.loads((smoke_repo / "reports/food-kitchen/metrics.json").read_text())
+    assert sorted(metrics) == sorted(MODELS)
+    for model in MODELS:
+        assert sorted(metrics[model]) == sorted(PROTOCOLS)
+        for protocol in PROTOCOLS:
+            for domain in ("A", "B"):
+                keys = metrics[model][protocol][domain]
+                assert {m.replace("@", "_") for m in METRICS} <= set(keys)
+                assert all(0.0 <= v <= 1.0 for v in keys.values())
+    index = (smoke_repo / "reports/index.html").read_text()
+    for needle in [*MODELS, "sampled-999", "full", "Dataset statistics", "Training curves", "data:image/png;base64"]:
+        assert needle in index
+    for stage in ["prepare", "evaluate", *(f"train-{m}" for m in MODELS)]:
+        assert f'href="food-kitchen/{stage}.html"' in index
+        assert (smoke_repo / f"reports/food-kitchen/{stage}.html").stat().st_size > 10_000
+    # executed notebooks carry outputs but no machine paths and no progress-bar noise
+    for path, content in report_files(smoke_repo).items():
+        text = content.decode("utf-8", errors="ignore")
+        assert str(smoke_repo) not in text, path
+    nb = json.loads((smoke_repo / "reports/food-kitchen/train-sasrec.ipynb").read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    assert outputs and not any(o.get("name") == "stderr" for o in outputs)
+
+
+@pytest.mark.slow
+def test_second_repro_does_nothing_and_forced_repro_is_byte_identical(smoke_repo):
+    before = report_files(smoke_repo)
+    out = sh("dvc", "repro", cwd=smoke_repo)
+    assert "Running stage" not in out and "up to date" in out
+    sh("dvc", "repro", "--force", cwd=smoke_repo)
+    after = report_files(smoke_repo)
+    assert sorted(after) == sorted(before)
+    changed = [p for p in before if before[p] != after[p]]
+    assert not changed, f"reports differ after re-running on the same inputs: {changed}"

@@ -1,0 +1,104 @@
+"""The training loop: learning, checkpoint selection on validation only, resume and retraining."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tema import config, data
+from tema.models import ItemSpace, build
+from tema.training import TrainConfig, load_run, next_item_loss, train_run
+
+N_A, N_B = 30, 40
+
+
+def cfg(**over) -> TrainConfig:
+    base = dict(seeds=(1,), max_epochs=3, patience=2, batch_size=32, max_len=10, loss="full", n_negatives=16,
+                eval_batch_size=64, device="cpu", num_threads=1)
+    return TrainConfig(**{**base, **over})
+
+
+def synthetic(n_users=300, test_target=None) -> data.Dataset:
+    """Users walk forward through domain A then jump to the mirrored item of B: a learnable pattern."""
+    items = pd.DataFrame({
+        "item_id": range(N_A + N_B), "domain": ["A"] * N_A + ["B"] * N_B,
+        "local_id": list(range(N_A)) + list(range(N_B)), "source_id": "", "title": "t", "text": "",
+    })
+    rows = []
+    for u in range(n_users):
+        start = u % (N_A - 6)
+        seq = [start, start + 1, start + 2, N_A + start, start + 3, N_A + start + 1]
+        split = "train" if u < n_users - 80 else ("valid" if u < n_users - 40 else "test")
+        target = seq[-1] if split != "test" or test_target is None else test_target
+        rows.append((f"u{u}", split, seq[:-1], target))
+    seqs = pd.DataFrame(rows, columns=["user", "split", "history", "target"])
+    seqs["target_domain"] = ["A" if t < N_A else "B" for t in seqs["target"]]
+    return data.Dataset("synthetic", {"A": "a", "B": "b"}, items, seqs)
+
+
+def test_full_loss_is_cross_entropy_over_the_target_domain():
+    space = ItemSpace(5, {"A": (0, 2), "B": (2, 5)})
+    table = torch.randn(6, 4)
+    hidden = torch.randn(1, 2, 4)
+    targets = torch.tensor([[1, 4]])  # model indices: item 0 (A), item 3 (B)
+    loss = next_item_loss(hidden, targets, table, space, "full", 0)
+    expected = (F.cross_entropy(hidden[0, :1] @ table[1:3].T, torch.tensor([0]))
+                + F.cross_entropy(hidden[0, 1:] @ table[3:6].T, torch.tensor([1]))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.isfinite(next_item_loss(hidden, targets, table, space, "sampled", 50))
+
+
+@pytest.mark.parametrize("model", ["gru4rec", "sasrec"])
+def test_models_learn_a_pattern_popularity_cannot(tmp_path, model):
+    ds = synthetic()
+    result = train_run(ds, model, {"dim": 32, "dropout": 0.0, "lr": 0.01}, cfg(max_epochs=12, patience=12), 1, tmp_path / model, "d")
+    pop = train_run(ds, "popularity", {}, cfg(), 1, tmp_path / "pop", "d")
+    assert result["best_valid_score"] > 0.5 > pop["best_valid_score"] + 0.2
+    history = pd.read_csv(tmp_path / model / "history.csv")
+    assert history["valid_score"].max() == pytest.approx(result["best_valid_score"])
+
+
+def test_selection_never_reads_test_data(tmp_path):
+    ds = synthetic(test_target=10**9)  # a test target no model could score: reading it would fail
+    result = train_run(ds, "sasrec", {"dim": 16}, cfg(max_epochs=2), 3, tmp_path, "d")
+    assert result["epochs_run"] == 2
+
+
+def test_finished_runs_are_reused_and_changes_retrain(tmp_path, capsys):
+    ds = synthetic()
+    first = train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    again = train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    assert "already trained" in capsys.readouterr().err and again == first
+    changed = train_run(ds, "gru4rec", {"dim": 24}, cfg(max_epochs=1), 1, tmp_path, "d")
+    assert changed["fingerprint"] != first["fingerprint"]
+    model = load_run(ds, "gru4rec", {"dim": 24}, cfg(), tmp_path)
+    assert model.items.embedding_dim == 24
+
+
+def test_interrupted_run_is_not_mistaken_for_finished(tmp_path):
+    ds = synthetic()
+    train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    (tmp_path / "run.json").unlink()  # as if killed before the completion marker landed
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        load_run(ds, "gru4rec", {"dim": 16}, cfg(), tmp_path)
+    result = train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    assert json.loads((tmp_path / "run.json").read_text()) == result
+
+
+def test_bad_params_name_the_parameter(root):
+    params = config.load_params(root / "profiles" / "default.yaml")
+    params["train"]["loss"] = "softmax"
+    with pytest.raises(config.ParamsError, match="'train.loss' must be 'full' or 'sampled'"):
+        TrainConfig.from_params(params)
+    params["train"]["loss"] = "full"
+    params["train"]["batch_size"] = "big"
+    with pytest.raises(config.ParamsError, match="'train.batch_size' must be int"):
+        TrainConfig.from_params(params)
+    with pytest.raises(KeyError, match="unknown key"):
+        build("sasrec", ItemSpace(70, {"A": (0, 30), "B": (30, 70)}), {"hidden": 3}, 10)
+    with pytest.raises(KeyError, match="unknown model 'bert4rec'"):
+        build("bert4rec", ItemSpace(70, {"A": (0, 30), "B": (30, 70)}), {}, 10)
