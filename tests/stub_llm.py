@@ -1,0 +1,105 @@
+"""A loopback stub of an OpenAI-compatible chat endpoint that injects scripted faults (tests only).
+
+Answers are deterministic tags made from the item's title words, so tests can check what came back.
+`faults` maps a title substring to a list of behaviours consumed one per request for that title:
+ok, http_429, http_500, timeout, malformed, empty, truncated, no_tags, drop (close the connection).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def title_tags(prompt: str) -> list[str]:
+    match = re.findall(r"title: (.*)", prompt)
+    words = re.findall(r"[a-z]+", (match[-1] if match else "").lower())
+    return [w for w in words if len(w) > 2][:5] or ["misc"]
+
+
+class StubLLM:
+    def __init__(self, faults: dict[str, list[str]] | None = None, delay: float = 0.0):
+        self.faults = {k: list(v) for k, v in (faults or {}).items()}
+        self.delay = delay
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                body = json.dumps({"status": "ok"} if self.path == "/health" else {"data": [{"id": "stub"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = request["messages"][-1]["content"]
+                with stub.lock:
+                    stub.requests.append(request)
+                    stub.headers.append(dict(self.headers))
+                    behaviour = "ok"
+                    for needle, queue in stub.faults.items():
+                        if needle in prompt and queue:
+                            behaviour = queue.pop(0)
+                            break
+                if stub.delay:
+                    time.sleep(stub.delay)
+                if behaviour == "drop":
+                    self.connection.close()
+                    return
+                if behaviour == "timeout":
+                    time.sleep(3)
+                if behaviour.startswith("http_"):
+                    return self.reply(int(behaviour[5:]), {"error": {"message": behaviour}})
+                content = {
+                    "ok": json.dumps({"tags": title_tags(prompt)}),
+                    "timeout": json.dumps({"tags": title_tags(prompt)}),
+                    "malformed": '{"tags": ["half',
+                    "empty": "",
+                    "truncated": '{"tags": ["a", "b"',
+                    "no_tags": json.dumps({"labels": 3}),
+                }[behaviour]
+                finish = "length" if behaviour == "truncated" else "stop"
+                self.reply(200, {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": max(1, len(content) // 4),
+                              "total_tokens": len(prompt) // 4 + len(content) // 4},
+                })
+
+            def reply(self, status, payload):
+                body = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
