@@ -32,6 +32,11 @@ def apply_profile(name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["llm"]:
+        from tema.llm import main as llm_main
+
+        return llm_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tema", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run-notebook", help="execute a notebook with papermill into an ipynb + HTML report")
@@ -40,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     prof = sub.add_parser("profile", help="write params.yaml for a profile (default, smoke, ...)")
     prof.add_argument("name")
+    sub.add_parser("llm", help="the embedded OpenAI-compatible LLM server: `tema llm serve --help`")
+    tags = sub.add_parser("tags", help="LLM tag generation outside DVC (long, resumable runs)")
+    tags_sub = tags.add_subparsers(dest="tags_command", required=True)
+    gen = tags_sub.add_parser("generate", help="fill the pass-1 answer cache of a dataset (resumable; Ctrl-C safe)")
+    gen.add_argument("dataset")
+    gen.add_argument("--limit", type=int, default=None, help="only the first N items of each domain")
     args = parser.parse_args(argv)
     if args.command == "run-notebook":
         from tema.notebook import execute
@@ -47,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         execute(args.notebook, args.output, {k: parse_value(v) for k, v in args.parameter})
     elif args.command == "profile":
         print(f"wrote {apply_profile(args.name)}")
+    elif args.command == "tags":
+        import json
+
+        from tema.tags import generate
+
+        print(json.dumps(generate(args.dataset, config.load_params(), args.limit), indent=2))
     return 0
 
 
