@@ -169,6 +169,40 @@ class Endpoint:
                       timeout=timeout, max_retries=max_retries)
 
 
+def identity(params: dict[str, Any]) -> tuple[str, str | None]:
+    """(model name, model file sha256 or None): what keys cached answers, known without starting anything."""
+    model = config.get(params, "llm.model", str)
+    if os.environ.get("OPENAI_BASE_URL"):
+        return model, None
+    if model not in EMBEDDED_MODELS:
+        raise LLMError(f"params.yaml: llm.model {model!r} is not an embedded model; known: {sorted(EMBEDDED_MODELS)} "
+                       "(set OPENAI_BASE_URL to use another endpoint)")
+    return model, EMBEDDED_MODELS[model]["sha256"]
+
+
+class LazyEndpoint:
+    """Starts the endpoint on first use only (a complete answer cache never starts a server); closes it."""
+
+    def __init__(self, params: dict[str, Any], timeout: float):
+        self.params, self.timeout = params, timeout
+        self.model, self.model_sha256 = identity(params)
+        self._stack = contextlib.ExitStack()
+        self._client = None
+        self.started: Endpoint | None = None
+
+    def client(self):
+        if self._client is None:
+            self.started = self._stack.enter_context(endpoint(self.params))
+            self._client = self.started.client(self.timeout)
+        return self._client
+
+    def __enter__(self) -> LazyEndpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
 @contextlib.contextmanager
 def endpoint(params: dict[str, Any]) -> Iterator[Endpoint]:
     """The endpoint to use: OPENAI_BASE_URL when set, else the embedded server (started, then stopped)."""

@@ -291,7 +291,7 @@ class Item:
 
 def tag_items(
     items: Iterable[Item],
-    client,
+    get_client: Callable[[], Any],
     model: str,
     model_sha256: str | None,
     settings: Settings,
@@ -301,6 +301,7 @@ def tag_items(
 ) -> tuple[dict[int, list[str]], dict[int, str], Accounting]:
     """Tags of every item (cache first, then the LLM with `settings.concurrency` requests in flight).
 
+    get_client() is called only if some item is not cached, so a complete cache needs no LLM at all.
     Returns (tags by item, failure reason by item, accounting). Failures do not stop the run.
     """
     items = list(items)
@@ -317,6 +318,7 @@ def tag_items(
         else:
             todo.append((key, item))
     started = time.perf_counter()
+    client = get_client() if todo else None
     bar = tqdm(total=len(todo), desc="LLM tags", unit="item", file=sys.stderr, mininterval=5,
                disable=not progress or os.environ.get("TEMA_PROGRESS") == "0")
 
@@ -350,4 +352,4 @@ def tag_items(
         pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: finish the requests in flight, drop the rest
         bar.close()
         acct.wall_seconds = time.perf_counter() - started
-    return tags, failures, acct
+    return dict(sorted(tags.items())), dict(sorted(failures.items())), acct  # item order, whatever finished first

@@ -46,7 +46,7 @@ class StubLLM:
                 prompt = request["messages"][-1]["content"]
                 with stub.lock:
                     stub.requests.append(request)
-                    stub.headers.append(dict(self.headers))
+                    stub.headers.append({k.lower(): v for k, v in self.headers.items()})
                     behaviour = "ok"
                     for needle, queue in stub.faults.items():
                         if needle in prompt and queue:

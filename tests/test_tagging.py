@@ -31,7 +31,7 @@ def client_for(url, settings=FAST):
 
 
 def run(stub_url, its, cache, settings=FAST, model="stub"):
-    return tag_items(its, client_for(stub_url, settings), model, "sha-x", settings, cache, progress=False)
+    return tag_items(its, lambda: client_for(stub_url, settings), model, "sha-x", settings, cache, progress=False)
 
 
 @pytest.mark.parametrize("fault", ["http_429", "http_500", "timeout", "malformed", "empty", "truncated", "no_tags", "drop"])
@@ -124,7 +124,7 @@ from tema.tagging import Item, Settings, TagCache, tag_items
 from openai import OpenAI
 items = [Item(i, "Home & Kitchen", f"item number{{i}} steel pot", "") for i in range(40)]
 s = Settings(timeout_s=5, max_retries=1, backoff_s=0.01, concurrency=4)
-tag_items(items, OpenAI(base_url={url!r}, api_key="t", max_retries=0), "stub", "sha", s, TagCache(__import__("pathlib").Path({path!r})), progress=False)
+tag_items(items, lambda: OpenAI(base_url={url!r}, api_key="t", max_retries=0), "stub", "sha", s, TagCache(__import__("pathlib").Path({path!r})), progress=False)
 """
 
 
@@ -145,7 +145,7 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
         assert len(finished) == done_before
         n_requests = len(stub.requests)
         its = [Item(i, "Home & Kitchen", f"item number{i} steel pot", "") for i in range(40)]
-        tags, failures, acct = tag_items(its, client_for(stub.base_url), "stub", "sha", Settings(concurrency=4), cache, progress=False)
+        tags, failures, acct = tag_items(its, lambda: client_for(stub.base_url), "stub", "sha", Settings(concurrency=4), cache, progress=False)
         assert len(stub.requests) - n_requests == 40 - len(finished)  # only what was missing
     assert len(tags) == 40 and not failures and acct.cached == len(finished)
     records = [json.loads(line) for line in path.read_text().splitlines()]

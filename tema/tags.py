@@ -1,0 +1,413 @@
+"""Stage `tags`: LLM tags for every item, a self-refined vocabulary, and each item's ranked tags over it.
+
+Pass 1 (tema.tagging): open tagging with domain-aware prompts, every answer cached and resumable.
+Self-refinement, per domain: count pass-1 tags, normalise them (case, punctuation, plurals), merge
+near-duplicates by text-embedding similarity, let the LLM merge synonyms and drop vague tags, keep the
+`vocab_size` most frequent canonical tags seen at least `min_count` times. Tags in both domains'
+vocabularies are the shared, bridging tags.
+Pass 2 (default "map"): each item's pass-1 tags are mapped onto the vocabulary through the merge
+decisions, then by embedding similarity; unmappable tags are dropped and counted.
+
+Sources: "llm" (the endpoint of tema.llm) or "external" (a vendored file of item_id<TAB>tags_json,
+e.g. art-office's DeepSeek tags), both written in the same format.
+
+Outputs in data/tags/<dataset>/ (text, committed to git): item_tags.tsv, vocabulary.tsv,
+pass1_tags.tsv, failures.tsv, provenance.json, accounting.json. The answer cache lives in
+data/tags-cache/<dataset>/ (committed too, so any machine can resume or re-run without the LLM).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tema import config, data
+from tema.tagging import PROMPT_VERSION, Item, Settings, TagCache, cache_key, normalize_tag, prompt_hash, tag_items
+
+REFINE_VERSION = "refine-v1"
+OUTPUT_FILES = ("item_tags.tsv", "vocabulary.tsv", "pass1_tags.tsv", "failures.tsv", "provenance.json", "accounting.json")
+
+
+def singular_candidates(word: str) -> list[str]:
+    """Possible singulars of an English word, most likely first (no dictionary needed)."""
+    if len(word) <= 3 or word.endswith(("ss", "us", "is")):
+        return [word]
+    if word.endswith("ies"):
+        return [word[:-3] + "y", word[:-1]]  # berries -> berry, cookies -> cookie
+    if word.endswith(("ches", "shes", "xes", "sses")):
+        return [word[:-2], word[:-1]]
+    if word.endswith("s"):
+        return [word[:-1]]
+    return [word]
+
+
+def canonical_form(tag: str, known: set[str] | None = None) -> str:
+    """Normalised tag with its last word singular; with `known` tags, a singular that was seen is preferred."""
+    words = normalize_tag(tag).split()
+    if not words:
+        return ""
+    forms = [" ".join(words[:-1] + [c]) for c in singular_candidates(words[-1])]
+    if known:
+        for form in forms:
+            if form in known:
+                return form
+    return forms[-1] if words[-1].endswith("ies") and not known else forms[0]
+
+
+def observed_forms(pass1: dict[int, list[str]]) -> set[str]:
+    return {normalize_tag(t) for tags in pass1.values() for t in tags}
+
+
+def settings_from_params(params: dict[str, Any]) -> Settings:
+    llm = config.get(params, "llm", dict)
+    known = Settings.__dataclass_fields__
+    extra = sorted(set(llm) - set(known) - {"model", "embedded"})
+    if extra:
+        raise config.ParamsError(f"params.yaml: unknown key(s) {extra} in 'llm'; expected {sorted(known)} or model, embedded")
+    return Settings(**{k: v for k, v in llm.items() if k in known})
+
+
+def items_to_tag(dataset: data.Dataset, limit: int | None) -> list[Item]:
+    rows = dataset.items if limit is None else dataset.items.groupby("domain", group_keys=False).head(limit)
+    return [Item(int(r.item_id), dataset.domain_names[r.domain], r.title, r.text) for r in rows.itertuples(index=False)]
+
+
+def read_external(path: Path, n_items: int) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """An external tag file (item_id<TAB>JSON list of tags, a header line first); bad rows are failures."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    tags: dict[int, list[str]] = {}
+    failures: dict[int, str] = {}
+    lines = raw.decode("utf-8").splitlines()
+    if not lines or lines[0].split("\t")[:2] != ["item_id", "tags_json"]:
+        raise data.DataError(f"{path}:1: expected header 'item_id<TAB>tags_json'")
+    for lineno, line in enumerate(lines[1:], 2):
+        item_text, _, payload = line.partition("\t")
+        try:
+            item = int(item_text)
+        except ValueError:
+            raise data.DataError(f"{path}:{lineno}: expected an integer item_id, got {item_text!r}") from None
+        if not 0 <= item < n_items:
+            raise data.DataError(f"{path}:{lineno}: item id {item} outside 0..{n_items - 1}")
+        try:
+            value = json.loads(payload)
+            if not isinstance(value, list):
+                raise ValueError("not a list")
+        except ValueError:
+            failures[item] = "malformed_json"
+            continue
+        clean = []
+        for tag in value:
+            tag = normalize_tag(tag) if isinstance(tag, str) else ""
+            if tag and tag not in clean:
+                clean.append(tag)
+        if clean:
+            tags[item] = clean
+        else:
+            failures[item] = "no_valid_tag"
+    return tags, failures
+
+
+# ---------------------------------------------------------------- self-refinement
+
+
+def near_duplicate_merges(tags: list[str], counts: Counter, encode, threshold: float) -> dict[str, str]:
+    """Map each tag to a more frequent tag whose embedding is at least `threshold` cosine-similar."""
+    if len(tags) < 2:
+        return {}
+    vectors = encode(tags)
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+    order = sorted(range(len(tags)), key=lambda i: (-counts[tags[i]], tags[i]))
+    merges: dict[str, str] = {}
+    heads: list[int] = []
+    for i in order:  # greedy: most frequent first, each tag joins the first close head
+        if heads:
+            sims = vectors[heads] @ vectors[i]
+            best = int(np.argmax(sims))
+            if sims[best] >= threshold:
+                merges[tags[i]] = tags[heads[best]]
+                continue
+        heads.append(i)
+    return merges
+
+
+def llm_merge_prompt(domain_name: str, tags: list[str]) -> list[dict[str, str]]:
+    listing = "\n".join(f"- {t}" for t in tags)
+    return [
+        {"role": "system", "content": "You clean tag vocabularies for a product recommender. Reply with one JSON object."},
+        {"role": "user", "content": (
+            f"Tags used for {domain_name} products:\n{listing}\n\n"
+            'Merge synonyms into the best tag of the list and name vague tags to drop (like "product" or "good"). '
+            'Answer {"merge": {"tag": "better tag from the list", ...}, "drop": ["tag", ...]} using only tags of the list.'
+        )},
+    ]
+
+
+def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: str, tags: list[str], chunk: int,
+               settings: Settings, cache: TagCache) -> tuple[dict[str, str], set[str], dict[str, int]]:
+    """Ask the LLM, chunk by chunk, which tags are synonyms and which are vague; answers are validated.
+
+    Suggestions naming tags outside the chunk, or chains of merges, are ignored and counted. Each
+    chunk's answer is cached like pass-1 answers, so a re-run needs no LLM.
+    """
+    merges: dict[str, str] = {}
+    drops: set[str] = set()
+    counts = {"chunks": 0, "failed_chunks": 0, "merges": 0, "drops": 0, "ignored": 0}
+    for lo in range(0, len(tags), chunk):
+        part = tags[lo: lo + chunk]
+        allowed = set(part)
+        counts["chunks"] += 1
+        messages = llm_merge_prompt(domain_name, part)
+        key = hashlib.sha256(json.dumps([REFINE_VERSION, model, model_sha256, messages, settings.seed]).encode()).hexdigest()[:24]
+        hit = cache.get(key)
+        if hit is None:
+            try:
+                response = get_client().chat.completions.create(
+                    model=model, messages=messages, temperature=0.0, max_tokens=min(1024, 12 * len(part)),
+                    response_format={"type": "json_object"}, seed=settings.seed,
+                )
+                answer = json.loads(response.choices[0].message.content or "{}")
+                if not isinstance(answer, dict):
+                    raise ValueError("not a JSON object")
+            except Exception as err:  # noqa: BLE001  (a failed chunk keeps its tags unmerged, and is retried next run)
+                cache.put({"key": key, "status": "failed", "reason": type(err).__name__, "domain": domain_name})
+                counts["failed_chunks"] += 1
+                continue
+            hit = {"key": key, "status": "ok", "domain": domain_name, "answer": answer}
+            cache.put(hit)
+        merge, drop = hit["answer"].get("merge", {}), hit["answer"].get("drop", [])
+        for src, dst in (merge.items() if isinstance(merge, dict) else []):
+            src, dst = normalize_tag(str(src)), normalize_tag(str(dst))
+            if src in allowed and dst in allowed and src != dst and dst not in merges:
+                merges[src] = dst
+                counts["merges"] += 1
+            else:
+                counts["ignored"] += 1
+        for tag in drop if isinstance(drop, list) else []:
+            tag = normalize_tag(str(tag))
+            if tag in allowed and tag not in merges.values():
+                drops.add(tag)
+                counts["drops"] += 1
+            else:
+                counts["ignored"] += 1
+    return merges, drops, counts
+
+
+def resolve(tag: str, merges: dict[str, str]) -> str:
+    seen = set()
+    while tag in merges and tag not in seen:
+        seen.add(tag)
+        tag = merges[tag]
+    return tag
+
+
+def refine_vocabulary(pass1: dict[int, list[str]], domain_of: dict[int, str], refine: dict[str, Any], encode,
+                      llm=None) -> tuple[pd.DataFrame, dict[str, dict[str, str]], dict[str, Any]]:
+    """Per-domain vocabulary (domain, tag, count, shared) and the merge map used to reach it."""
+    frames, merge_maps, report = [], {}, {}
+    known = observed_forms(pass1)
+    for domain in data.DOMAINS:
+        counts = Counter(canonical_form(t, known) for item, tags in pass1.items() if domain_of[item] == domain for t in tags)
+        counts.pop("", None)
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # ties by name: same input, same vocabulary
+        frequent = [t for t, c in ranked if c >= refine["min_count"]]
+        candidates = frequent[: refine["vocab_size"] * 2]
+        merges = near_duplicate_merges(candidates, counts, encode, refine["similarity"])
+        info: dict[str, Any] = {"distinct_pass1_tags": len(counts), "candidates": len(candidates), "embedding_merges": len(merges)}
+        if llm is not None:
+            heads = [t for t in candidates if t not in merges]
+            llm_merges, drops, llm_counts = llm(domain, heads)
+            merges.update({k: v for k, v in llm_merges.items() if k not in merges})
+            info["llm"] = llm_counts
+        else:
+            drops = set()
+        merged = Counter()
+        for tag, count in counts.items():
+            merged[resolve(tag, merges)] += count
+        vocab = [(t, c) for t, c in sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))
+                 if c >= refine["min_count"] and t not in drops][: refine["vocab_size"]]
+        info["vocabulary"] = len(vocab)
+        frames.append(pd.DataFrame({"domain": domain, "tag": [t for t, _ in vocab], "count": [c for _, c in vocab]}))
+        merge_maps[domain] = merges
+        report[domain] = info
+    vocab = pd.concat(frames, ignore_index=True)
+    in_both = set(vocab.loc[vocab.domain == "A", "tag"]) & set(vocab.loc[vocab.domain == "B", "tag"])
+    vocab["shared"] = vocab["tag"].isin(in_both)
+    report["shared"] = len(in_both)
+    return vocab, merge_maps, report
+
+
+def map_to_vocabulary(pass1: dict[int, list[str]], domain_of: dict[int, str], vocab: pd.DataFrame,
+                      merges: dict[str, dict[str, str]], encode, threshold: float) -> tuple[dict[int, list[tuple[str, int]]], dict[str, int]]:
+    """Pass 2 by mapping: each item's (tag, LLM rank) over its domain's vocabulary."""
+    counts = {"kept": 0, "merged": 0, "by_similarity": 0, "dropped": 0}
+    out: dict[int, list[tuple[str, int]]] = {}
+    known = observed_forms(pass1)
+    for domain in data.DOMAINS:
+        words = vocab.loc[vocab.domain == domain, "tag"].tolist()
+        index = set(words)
+        unknown = sorted({canonical_form(t, known) for i, tags in pass1.items() if domain_of[i] == domain for t in tags}
+                         - index - set(merges[domain]))
+        nearest: dict[str, str] = {}
+        if unknown and words:
+            vv = encode(words)
+            vv = vv / np.linalg.norm(vv, axis=1, keepdims=True).clip(1e-12)
+            for lo in range(0, len(unknown), 4096):
+                part = unknown[lo: lo + 4096]
+                uv = encode(part)
+                uv = uv / np.linalg.norm(uv, axis=1, keepdims=True).clip(1e-12)
+                sims = uv @ vv.T
+                best = sims.argmax(1)
+                for tag, j, s in zip(part, best, sims[np.arange(len(part)), best]):
+                    if s >= threshold:
+                        nearest[tag] = words[j]
+        for item, tags in pass1.items():
+            if domain_of[item] != domain:
+                continue
+            ranked: list[tuple[str, int]] = []
+            for rank, tag in enumerate(tags, 1):
+                form = canonical_form(tag, known)
+                target = resolve(form, merges[domain])
+                how = "kept" if target == form else "merged"
+                if target not in index:
+                    target, how = nearest.get(form, ""), "by_similarity"
+                if not target:
+                    counts["dropped"] += 1
+                    continue
+                counts[how] += 1
+                if target not in [t for t, _ in ranked]:
+                    ranked.append((target, rank))
+            out[item] = ranked
+    return out, counts
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def prompt_provenance(dataset: data.Dataset, settings: Settings) -> dict[str, str]:
+    """The prompt version and, per domain, the hash that keys its cached answers."""
+    return {"version": PROMPT_VERSION, **{name: prompt_hash(name, settings.k) for name in dataset.domain_names.values()}}
+
+
+def text_encoder(params: dict[str, Any]):
+    """encode(list of str) -> [n, d] float32 array, with the study's text encoder (tema.features)."""
+    from tema.features import load_text_encoder
+
+    return load_text_encoder(params)
+
+
+def cache_accounting(cache: TagCache, items: list[Item], model: str, model_sha256: str | None, settings: Settings) -> dict[str, Any]:
+    """The cost of the answers behind these items, summed from the cache (the same whichever run made them)."""
+    totals: dict[str, Any] = {"items": len(items), "answered": 0, "failed": 0, "requests": 0, "tokens_in": 0,
+                              "tokens_out": 0, "request_seconds": 0.0, "failure_reasons": {}}
+    for item in items:
+        record = cache.entries.get(cache_key(model, model_sha256, item.domain_name, item.title, item.text, settings))
+        if record is None:
+            continue
+        if record["status"] == "ok":
+            totals["answered"] += 1
+            totals["requests"] += record.get("attempts", 1)
+            totals["tokens_in"] += record.get("tokens_in", 0)
+            totals["tokens_out"] += record.get("tokens_out", 0)
+            totals["request_seconds"] += record.get("seconds", 0.0)
+        else:
+            totals["failed"] += 1
+            totals["failure_reasons"][record["reason"]] = totals["failure_reasons"].get(record["reason"], 0) + 1
+    totals["request_seconds"] = round(totals["request_seconds"], 1)
+    return totals
+
+
+def write_outputs(out: Path, dataset: data.Dataset, pass1, failures, vocab, item_tags, provenance, accounting) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    domain = dataset.items["domain"].to_numpy()
+    rows = sorted(pass1)
+    pd.DataFrame({"item_id": rows, "domain": domain[rows], "tags": [json.dumps(pass1[i], ensure_ascii=False) for i in rows]}) \
+        .to_csv(out / "pass1_tags.tsv", sep="\t", index=False, quoting=csv.QUOTE_NONE)
+    rows = sorted(item_tags)
+    pd.DataFrame({"item_id": rows, "domain": domain[rows],
+                  "tags": [json.dumps([[t, r] for t, r in item_tags[i]], ensure_ascii=False) for i in rows]}) \
+        .to_csv(out / "item_tags.tsv", sep="\t", index=False, quoting=csv.QUOTE_NONE)
+    vocab.to_csv(out / "vocabulary.tsv", sep="\t", index=False)
+    pd.DataFrame(sorted(failures.items()), columns=["item_id", "reason"]).to_csv(out / "failures.tsv", sep="\t", index=False)
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    (out / "accounting.json").write_text(json.dumps(accounting, indent=2, sort_keys=True) + "\n")
+
+
+def load_item_tags(dataset_name: str) -> pd.DataFrame:
+    """item_id, domain, tags (list of [tag, llm_rank]) as written by the stage."""
+    path = config.dataset_dir("tags", dataset_name) / "item_tags.tsv"
+    table = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE)
+    table["tags"] = table["tags"].map(json.loads)
+    return table
+
+
+def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None) -> dict[str, Any]:
+    """Pass 1 only: fill the answer cache (the long, resumable part; `tema tags generate`)."""
+    from tema import llm
+
+    settings = settings_from_params(params)
+    dataset = data.read_raw(dataset_name, config.repo_root() / "data" / "raw")
+    cache = TagCache(config.dataset_dir("tags-cache", dataset_name) / "pass1.jsonl")
+    with llm.LazyEndpoint(params, settings.timeout_s) as ep:
+        _, failures, acct = tag_items(items_to_tag(dataset, limit), ep.client, ep.model, ep.model_sha256, settings, cache)
+    return {**asdict(acct), "failures": len(failures)}
+
+
+def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Execute the stage for one dataset; returns the provenance and accounting it wrote."""
+    from tema import llm
+
+    source = config.get(params, f"tags.sources.{dataset_name}", dict)
+    refine = config.get(params, "tags.refine", dict)
+    limit = config.get(params, "tags.limit_items", (int, type(None)))
+    dataset = data.read_raw(dataset_name, config.repo_root() / "data" / "raw")
+    domain_of = dict(zip(dataset.items["item_id"].tolist(), dataset.items["domain"].tolist()))
+    encode = text_encoder(params)
+    settings = settings_from_params(params)
+    kind = source.get("kind")
+    if kind == "external":
+        pass1, failures = read_external(config.repo_root() / source["file"], dataset.n_items)
+        if limit is not None:
+            keep = {item.item_id for item in items_to_tag(dataset, limit)}
+            pass1 = {i: t for i, t in pass1.items() if i in keep}
+            failures = {i: r for i, r in failures.items() if i in keep}
+        provenance = {"source": "external", "file": source["file"], "model": source.get("model", "unknown")}
+        accounting: dict[str, Any] = {"items": dataset.n_items, "tagged": len(pass1), "failed": len(failures)}
+        vocab, merges, refine_report = refine_vocabulary(pass1, domain_of, refine, encode)
+    elif kind == "llm":
+        caches = config.dataset_dir("tags-cache", dataset_name)
+        items = items_to_tag(dataset, limit)
+        with llm.LazyEndpoint(params, settings.timeout_s) as ep:
+            pass1, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, settings, TagCache(caches / "pass1.jsonl"))
+            llm_step = None
+            if refine.get("llm_merge", False):
+                refine_cache = TagCache(caches / "refine.jsonl")
+
+                def llm_step(domain, tags):
+                    return llm_refine(ep.client, ep.model, ep.model_sha256, dataset.domain_names[domain], tags,
+                                      refine["llm_chunk"], settings, refine_cache)
+            vocab, merges, refine_report = refine_vocabulary(pass1, domain_of, refine, encode, llm_step)
+            provenance = {"source": "llm", "endpoint_model": ep.model, "model_sha256": ep.model_sha256,
+                          "endpoint": "embedded" if ep.model_sha256 else "OPENAI_BASE_URL",
+                          "prompts": prompt_provenance(dataset, settings), "settings": settings.cache_part()}
+        accounting = cache_accounting(TagCache(caches / "pass1.jsonl"), items, ep.model, ep.model_sha256, settings)
+        print(f"this run: {acct.answered} answered, {acct.cached} from the cache, {acct.failed} failed, "
+              f"{acct.requests} requests in {acct.wall_seconds:.0f} s", file=sys.stderr)
+    else:
+        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}.kind must be 'llm' or 'external', got {kind!r}")
+    item_tags, mapping = map_to_vocabulary(pass1, domain_of, vocab, merges, encode, refine["map_similarity"])
+    provenance.update({"refinement": refine_report, "mapping": mapping,
+                       "text_encoder": config.get(params, "features.text_encoder", str)})
+    write_outputs(config.dataset_dir("tags", dataset_name), dataset, pass1, failures, vocab, item_tags, provenance, accounting)
+    return {"provenance": provenance, "accounting": accounting}

@@ -1,0 +1,143 @@
+"""Self-refinement, pass-2 mapping, the tags stage end to end (stub endpoint, canary key) and a real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stub_llm import StubLLM
+from tema import tags
+from tema.tagging import Item, Settings, TagCache, tag_items
+
+CANARY = "sk-canary-7f3a9b1e5d"
+
+
+def bag_encoder(texts):
+    """A deterministic stand-in for the text encoder in unit tests: letter-trigram counts."""
+    out = np.zeros((len(texts), 512), dtype=np.float32)
+    for row, text in enumerate(texts):
+        padded = f"  {text} "
+        for i in range(len(padded) - 2):
+            out[row, hash(padded[i:i + 3]) % 512] += 1
+    return out
+
+
+def test_canonical_forms():
+    assert tags.canonical_form("Cookies") == "cookie"
+    assert tags.canonical_form("Dish-Brushes") == "dish brush"
+    assert tags.canonical_form("Glass") == "glass"
+    assert tags.canonical_form("Berries!", known={"berry"}) == "berry"
+    assert tags.canonical_form("Cookies", known={"cookie", "cooky"}) == "cooky"  # a seen singular wins, in rule order
+
+
+def test_refinement_merges_drops_and_maps():
+    pass1 = {
+        0: ["dark chocolate", "snack", "cookies"], 1: ["dark chocolates", "snack"], 2: ["cookie", "snack", "dark chocolate"],
+        3: ["skillet", "cast iron", "cookware"], 4: ["skillets", "cookware", "cast iron"], 5: ["skillet", "cookware", "snacks"],
+        6: ["cookie", "zzz unique"],
+    }
+    domain_of = {0: "A", 1: "A", 2: "A", 6: "A", 3: "B", 4: "B", 5: "B"}
+    refine = {"min_count": 2, "vocab_size": 10, "similarity": 0.99}
+
+    def llm(domain, heads):
+        if domain == "A":
+            return {"cookie": "snack", "unknown tag": "snack"}, {"dark chocolate"}, {"merges": 1, "drops": 1, "ignored": 1}
+        return {}, set(), {}
+
+    vocab, merges, report = tags.refine_vocabulary(pass1, domain_of, refine, bag_encoder, llm)
+    a = dict(zip(vocab[vocab.domain == "A"].tag, vocab[vocab.domain == "A"]["count"]))
+    assert a == {"snack": 6}  # cookie(s) merged into snack (3 + 3); dark chocolate dropped as vague
+    b = set(vocab[vocab.domain == "B"].tag)
+    assert b == {"skillet", "cookware", "cast iron"}
+    assert set(vocab[vocab.shared].tag) == set()  # 'snack' is only in A's vocabulary (B saw it once)
+    item_tags, counts = tags.map_to_vocabulary(pass1, domain_of, vocab, merges, bag_encoder, threshold=0.99)
+    assert item_tags[0] == [("snack", 2)]  # dark chocolate dropped, snack kept at rank 2, cookies -> snack (dup)
+    assert item_tags[4] == [("skillet", 1), ("cookware", 2), ("cast iron", 3)]
+    assert item_tags[6] == [("snack", 1)]
+    assert counts["dropped"] >= 3 and counts["merged"] >= 1
+
+
+def test_external_tags_are_read_and_bad_rows_counted(tmp_path):
+    path = tmp_path / "ext.tsv"
+    path.write_text('item_id\ttags_json\n0\t["Arts", "Crafts"]\n1\tnot json\n2\t[]\n')
+    found, failures = tags.read_external(path, 3)
+    assert found == {0: ["arts", "crafts"]} and failures == {1: "malformed_json", 2: "no_valid_tag"}
+    path.write_text('item_id\ttags_json\n7\t["a"]\n')
+    with pytest.raises(Exception, match=r"ext\.tsv:2: item id 7 outside 0\.\.2"):
+        tags.read_external(path, 3)
+
+
+def copy_repo(root: Path, dst: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (root / rel).is_file() and not rel.startswith(("reports/", "data/tags", "data/runs")) and rel != "dvc.lock":
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+
+
+@pytest.mark.slow
+def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
+    repo = tmp_path / "repo"
+    copy_repo(root, repo)
+    params = yaml.safe_load((repo / "profiles" / "default.yaml").read_text())
+    params["tag_datasets"] = ["food-kitchen"]
+    params["tags"]["limit_items"] = 6
+    params["tags"]["refine"].update(min_count=1, llm_chunk=10)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TEMA_PROGRESS": "0",
+           "OPENAI_API_KEY": CANARY, "TEMA_CACHE_DIR": str(tmp_path / "cache")}
+    with StubLLM(faults={"Oatmeal": ["http_500"]}) as stub:
+        env["OPENAI_BASE_URL"] = stub.base_url
+        proc = subprocess.run(["dvc", "repro", "tags@food-kitchen"], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert stub.requests and all(h.get("authorization") == f"Bearer {CANARY}" for h in stub.headers)
+        n_requests = len(stub.requests)
+        # forcing the stage again re-uses every cached answer: no request reaches the endpoint
+        proc = subprocess.run(["dvc", "repro", "-f", "tags@food-kitchen"], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0 and len(stub.requests) == n_requests
+    out = repo / "data" / "tags" / "food-kitchen"
+    item_tags = tags.pd.read_csv(out / "item_tags.tsv", sep="\t", quoting=3)
+    assert len(item_tags) == 12  # 6 items per domain
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["endpoint"] == "OPENAI_BASE_URL" and provenance["refinement"]["A"]["llm"]["chunks"] >= 1
+    scanned = [p for p in repo.rglob("*") if p.is_file() and not {".git", "tests"} & set(p.relative_to(repo).parts)]
+    scanned += [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert any(p.name == "dvc.lock" for p in scanned) and any(p.suffix == ".html" for p in scanned)
+    leaks = [str(p) for p in scanned if CANARY.encode() in p.read_bytes()]
+    assert not leaks, f"the API key leaked into {leaks}"
+    assert CANARY not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_short_real_run_through_the_embedded_server(tmp_path, monkeypatch, root):
+    from tema import config, llm
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    params = config.load_params(root / "profiles" / "default.yaml")
+    params["llm"]["embedded"].update(n_parallel=2, threads=2)
+    items = [Item(0, "Grocery & Gourmet Food", "Twinings English Breakfast Tea, 100 Tea Bags", ""),
+             Item(1, "Home & Kitchen", "Pyrex Glass Measuring Cup, 2 Cup", ""),
+             Item(2, "Home & Kitchen", "OXO Good Grips Salad Spinner", "")]
+    settings = tags.settings_from_params(params)
+    with llm.LazyEndpoint(params, settings.timeout_s) as ep:
+        found, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, settings,
+                                          TagCache(tmp_path / "c.jsonl"), progress=False)
+        process_alive = ep.started is not None
+    assert process_alive and not failures and len(found) == 3
+    assert all(1 <= len(t) <= 5 for t in found.values())
+    assert acct.tokens_out > 0 and acct.requests == 3
+    assert any("tea" in tag for tag in found[0])
+    # the server is gone: nothing listens on its port any more
+    import urllib.request
+    with pytest.raises(OSError):
+        urllib.request.urlopen(ep.started.base_url.removesuffix("/v1") + "/health", timeout=2)
