@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,14 @@ def food_kitchen_files(**override: bytes) -> dict[str, bytes]:
     }
     files.update(override)
     return files
+
+
+def copy_worktree(root: Path, dst: Path, skip: tuple[str, ...] = ("reports/",)) -> None:
+    """What a fresh clone holds (tracked and unignored files, minus `skip` prefixes and dvc.lock), as a git repo."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (root / rel).is_file() and not rel.startswith(skip) and rel != "dvc.lock":
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import copy_worktree
 from tema.protocols import METRICS, PROTOCOLS
 
 MODELS = ["popularity", "gru4rec", "sasrec"]
@@ -32,14 +32,7 @@ def report_files(repo: Path) -> dict[str, bytes]:
 def smoke_repo(tmp_path_factory, root) -> Path:
     """A copy of the working tree (what a fresh clone holds) with the smoke profile reproduced."""
     repo = tmp_path_factory.mktemp("clone")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = root / rel
-        if src.is_file() and not rel.startswith("reports/") and rel != "dvc.lock":
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
-    sh("git", "init", "-q", cwd=repo)
+    copy_worktree(root, repo)
     sh("tema", "profile", "smoke", cwd=repo)
     sh("dvc", "repro", cwd=repo)
     return repo

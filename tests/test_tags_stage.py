@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import copy_worktree
 from stub_llm import StubLLM
 from tema import tags
 from tema.tagging import Item, Settings, TagCache, tag_items
@@ -75,20 +75,10 @@ def test_external_tags_are_read_and_bad_rows_counted(tmp_path):
         tags.read_external(path, 3)
 
 
-def copy_repo(root: Path, dst: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        if (root / rel).is_file() and not rel.startswith(("reports/", "data/tags", "data/runs")) and rel != "dvc.lock":
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / rel, dst / rel)
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-
-
 @pytest.mark.slow
 def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
     repo = tmp_path / "repo"
-    copy_repo(root, repo)
+    copy_worktree(root, repo, skip=("reports/", "data/tags", "data/runs"))
     params = yaml.safe_load((repo / "profiles" / "default.yaml").read_text())
     params["tag_datasets"] = ["food-kitchen"]
     params["tags"]["limit_items"] = 6
