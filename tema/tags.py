@@ -35,6 +35,7 @@ from tema import config, data
 from tema.tagging import PROMPT_VERSION, Item, Settings, TagCache, cache_key, normalize_tag, prompt_hash, tag_items
 
 REFINE_VERSION = "refine-v1"
+DROPPED = ""  # merge target of a tag the refinement dropped as vague
 OUTPUT_FILES = ("item_tags.tsv", "vocabulary.tsv", "pass1_tags.tsv", "failures.tsv", "provenance.json", "accounting.json")
 
 
@@ -229,14 +230,14 @@ def refine_vocabulary(pass1: dict[int, list[str]], domain_of: dict[int, str], re
             heads = [t for t in candidates if t not in merges]
             llm_merges, drops, llm_counts = llm(domain, heads)
             merges.update({k: v for k, v in llm_merges.items() if k not in merges})
+            merges.update({tag: DROPPED for tag in drops})  # vague: dropped, never re-mapped by similarity
             info["llm"] = llm_counts
-        else:
-            drops = set()
         merged = Counter()
         for tag, count in counts.items():
             merged[resolve(tag, merges)] += count
+        merged.pop(DROPPED, None)
         vocab = [(t, c) for t, c in sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))
-                 if c >= refine["min_count"] and t not in drops][: refine["vocab_size"]]
+                 if c >= refine["min_count"]][: refine["vocab_size"]]
         info["vocabulary"] = len(vocab)
         frames.append(pd.DataFrame({"domain": domain, "tag": [t for t, _ in vocab], "count": [c for _, c in vocab]}))
         merge_maps[domain] = merges
@@ -280,6 +281,9 @@ def map_to_vocabulary(pass1: dict[int, list[str]], domain_of: dict[int, str], vo
                 form = canonical_form(tag, known)
                 target = resolve(form, merges[domain])
                 how = "kept" if target == form else "merged"
+                if target == DROPPED:
+                    counts["dropped"] += 1
+                    continue
                 if target not in index:
                     target, how = nearest.get(form, ""), "by_similarity"
                 if not target:

@@ -59,6 +59,8 @@ def test_refinement_merges_drops_and_maps():
     assert b == {"skillet", "cookware", "cast iron"}
     assert set(vocab[vocab.shared].tag) == set()  # 'snack' is only in A's vocabulary (B saw it once)
     item_tags, counts = tags.map_to_vocabulary(pass1, domain_of, vocab, merges, bag_encoder, threshold=0.99)
+    loose, _ = tags.map_to_vocabulary(pass1, domain_of, vocab, merges, bag_encoder, threshold=-1.0)
+    assert "dark chocolate" not in {t for t, _ in loose[1]} and loose[1] == [("snack", 2)]  # a dropped tag stays dropped
     assert item_tags[0] == [("snack", 2)]  # dark chocolate dropped, snack kept at rank 2, cookies -> snack (dup)
     assert item_tags[4] == [("skillet", 1), ("cookware", 2), ("cast iron", 3)]
     assert item_tags[6] == [("snack", 1)]
