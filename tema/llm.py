@@ -128,10 +128,11 @@ def serve_forever(model_path: Path, alias: str, port: int, n_parallel: int, n_ct
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    parent = os.getppid()
     server = xllamacpp.Server(params)
     print(f"serving {alias} ({model_path.name}) on http://127.0.0.1:{port}/v1", flush=True)
     try:
-        while not stop["now"]:
+        while not stop["now"] and os.getppid() == parent:  # also stop when whoever started us died (SIGKILL)
             time.sleep(0.2)
     finally:
         del server

@@ -10,6 +10,7 @@ last line is ignored on load and cut off before the next append.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -168,27 +169,27 @@ class TagCache:
         self.path = path
         self.entries: dict[str, dict[str, Any]] = {}
         self.torn_lines = 0
+        self.bad_lines = 0
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
             self._load()
 
     def _load(self) -> None:
-        data = self.path.read_bytes()
-        good_end = 0
-        for line in data.splitlines(keepends=True):
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("torn")
-                record = json.loads(line)
-                self.entries[record["key"]] = record
-                good_end += len(line)
-            except (ValueError, KeyError, TypeError):
+        with open(self.path, "r+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # another process may be appending
+            data = f.read()
+            lines = data.split(b"\n")
+            tail = lines.pop()  # b"" when the file ends with a newline, else a torn append
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                    self.entries[record["key"]] = record
+                except (ValueError, KeyError, TypeError):
+                    self.bad_lines += 1  # skipped, never truncated: later lines are good answers
+            if tail:
                 self.torn_lines += 1
-                break  # only the last line can be torn: an append that was killed
-        if good_end < len(data):
-            with open(self.path, "r+b") as f:  # cut the torn tail so the next append starts clean
-                f.truncate(good_end)
+                f.truncate(len(data) - len(tail))  # cut the torn tail so the next append starts clean
 
     def get(self, key: str) -> dict[str, Any] | None:
         record = self.entries.get(key)
@@ -198,6 +199,7 @@ class TagCache:
         line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode()
         with self._lock:
             with open(self.path, "ab") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # one whole line at a time, across processes too
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
@@ -236,10 +238,14 @@ def classify_error(err: Exception) -> str:
     return type(err).__name__
 
 
+ANSWER_ERRORS = {"truncated", "empty", "malformed_json", "no_tag_list", "no_valid_tag"}
+RETRY_TEMPERATURE = 0.7
+
+
 def is_retryable(reason: str) -> bool:
     if reason.startswith("http_"):
         return int(reason[5:]) in RETRYABLE_HTTP
-    return reason in {"timeout", "connection_error", "truncated", "empty", "malformed_json", "no_tag_list", "no_valid_tag"}
+    return reason in {"timeout", "connection_error"} | ANSWER_ERRORS
 
 
 def ask(client, model: str, messages: list[dict[str, str]], settings: Settings, acct: Accounting,
@@ -249,15 +255,18 @@ def ask(client, model: str, messages: list[dict[str, str]], settings: Settings, 
     if settings.json_mode:  # a schema, not just "some JSON": bounds the list and keeps answers short
         extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "tags", "schema": {
             "type": "array", "items": {"type": "string", "maxLength": MAX_TAG_CHARS}, "minItems": 1, "maxItems": settings.k}}}
-    attempt = 0
+    attempt, last_reason = 0, ""
     while True:
         attempt += 1
         with lock:
             acct.requests += 1
+        # the same prompt, seed and temperature give the same bad answer again: vary them on a retry
+        answer_retry = attempt > 1 and last_reason in ANSWER_ERRORS
         try:
             response = client.chat.completions.create(
-                model=model, messages=messages, temperature=settings.temperature, max_tokens=settings.max_tokens,
-                frequency_penalty=settings.frequency_penalty, seed=settings.seed, **extra,
+                model=model, messages=messages, max_tokens=settings.max_tokens,
+                temperature=max(settings.temperature, RETRY_TEMPERATURE) if answer_retry else settings.temperature,
+                frequency_penalty=settings.frequency_penalty, seed=settings.seed + attempt - 1, **extra,
             )
             usage = response.usage
             with lock:
@@ -272,9 +281,11 @@ def ask(client, model: str, messages: list[dict[str, str]], settings: Settings, 
                           "tokens_in": getattr(usage, "prompt_tokens", 0) or 0,
                           "tokens_out": getattr(usage, "completion_tokens", 0) or 0}
         except Exception as err:  # noqa: BLE001  (every failure is classified, retried or recorded)
-            reason = classify_error(err)
+            reason = last_reason = classify_error(err)
             if not is_retryable(reason) or attempt > settings.max_retries:
-                raise AnswerError(reason, f"after {attempt} attempt(s): {str(err)[:200]}") from err
+                # only our own validation messages are kept: an endpoint's error text may echo request details
+                detail = str(err)[:200] if isinstance(err, AnswerError) else reason
+                raise AnswerError(reason, f"after {attempt} attempt(s): {detail}") from err
             with lock:
                 acct.retries += 1
                 acct.retry_reasons[reason] = acct.retry_reasons.get(reason, 0) + 1

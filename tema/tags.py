@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from tema import config, data
+from tema.llm import LLMError
 from tema.tagging import PROMPT_VERSION, Item, Settings, TagCache, cache_key, normalize_tag, prompt_hash, tag_items
 
 REFINE_VERSION = "refine-v1"
@@ -181,7 +182,9 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
                 answer = json.loads(response.choices[0].message.content or "{}")
                 if not isinstance(answer, dict):
                     raise ValueError("not a JSON object")
-            except Exception as err:  # noqa: BLE001  (a failed chunk keeps its tags unmerged, and is retried next run)
+            except LLMError:
+                raise  # no endpoint at all: the stage fails rather than silently skipping refinement
+            except Exception as err:  # noqa: BLE001  (a bad answer keeps the chunk unmerged; retried on the next run)
                 cache.put({"key": key, "status": "failed", "reason": type(err).__name__, "domain": domain_name})
                 counts["failed_chunks"] += 1
                 continue

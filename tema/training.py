@@ -139,11 +139,17 @@ def next_item_loss(
     return total / max(1, len(t))
 
 
-def code_fingerprint() -> str:
-    """Hash of the code that determines a trained run (the models and this loop)."""
+def code_fingerprint(model_name: str) -> str:
+    """Hash of the code that determines a trained run: this loop, the shared model code, the model's module."""
+    import inspect
+
+    from tema.models import MODELS
+
     here = Path(__file__).parent
+    files = {here / "training.py", here / "protocols.py", here / "data.py", here / "models" / "base.py",
+             here / "models" / "registry.py", Path(inspect.getfile(MODELS[model_name]))}
     digest = hashlib.sha256()
-    for path in sorted([here / "training.py", here / "protocols.py", *(here / "models").glob("*.py")]):
+    for path in sorted(files):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -152,7 +158,7 @@ def fingerprint(model_name: str, hyper: dict[str, Any], cfg: TrainConfig, seed: 
     blob = json.dumps(
         {
             "model": model_name, "hyper": hyper, "train": {**asdict(cfg), "seeds": None, "device": None},
-            "seed": seed, "data": data_hash, "code": code_fingerprint(),
+            "seed": seed, "data": data_hash, "code": code_fingerprint(model_name),
         },
         sort_keys=True,
     )

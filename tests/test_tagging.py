@@ -42,6 +42,10 @@ def test_transient_faults_are_retried(tmp_path, fault):
     assert tags[3][:2] == ["product", "number"]
     reason = {"drop": "connection_error", "no_tags": "no_tag_list", "malformed": "malformed_json"}.get(fault, fault)
     assert acct.retry_reasons == {reason: 2} and acct.retries == 2
+    sent = [r for r in stub.requests if "number3 " in r["messages"][-1]["content"]]
+    assert [r["seed"] for r in sent] == [0, 1, 2]  # a retry never repeats the exact same request
+    varied = reason in tagging.ANSWER_ERRORS  # a bad answer is retried with sampling, a transport error as it was
+    assert [r["temperature"] for r in sent] == [0.0] + [tagging.RETRY_TEMPERATURE if varied else 0.0] * 2
 
 
 def test_persistent_failure_is_recorded_and_the_run_completes(tmp_path):

@@ -102,3 +102,14 @@ def test_bad_params_name_the_parameter(root):
         build("sasrec", ItemSpace(70, {"A": (0, 30), "B": (30, 70)}), {"hidden": 3}, 10)
     with pytest.raises(KeyError, match="unknown model 'bert4rec'"):
         build("bert4rec", ItemSpace(70, {"A": (0, 30), "B": (30, 70)}), {}, 10)
+
+
+@pytest.mark.parametrize("model", ["gru4rec", "sasrec"])
+def test_scores_do_not_depend_on_the_padding_a_batch_needs(model):
+    torch.manual_seed(0)
+    recommender = build(model, ItemSpace(70, {"A": (0, 30), "B": (30, 70)}), {"dim": 16, "dropout": 0.0}, 10).eval()
+    short, long = [3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14]
+    with torch.no_grad():
+        alone = recommender.score([short], "B")
+        batched = recommender.score([short, long], "B")[:1]
+    assert torch.allclose(alone, batched, atol=1e-5)

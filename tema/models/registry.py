@@ -33,4 +33,4 @@ def build(name: str, space, hyper: dict[str, Any], max_len: int):
 
 
 # Per-model optimisation settings that live beside the architecture in params.yaml.
-TRAINING_KEYS = {"lr", "weight_decay", "batch_size", "n_negatives"}
+TRAINING_KEYS = {"lr", "weight_decay"}
