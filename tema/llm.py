@@ -213,7 +213,7 @@ def endpoint(params: dict[str, Any]) -> Iterator[Endpoint]:
         yield Endpoint(external.rstrip("/"), model, None, embedded=False)
         return
     spec = config.get(params, "llm.embedded", dict)
-    path = assemble_model(model)
+    assemble_model(model)  # once, sha256-verified, before the server process loads it
     port = free_port()
     command = [sys.executable, "-m", "tema.llm", "serve", "--model", model, "--port", str(port),
                "--parallel", str(spec["n_parallel"]), "--ctx", str(spec["n_ctx"]), "--threads", str(spec["threads"])]

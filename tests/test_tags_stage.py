@@ -15,7 +15,7 @@ import yaml
 from conftest import copy_worktree
 from stub_llm import StubLLM
 from tema import tags
-from tema.tagging import Item, Settings, TagCache, tag_items
+from tema.tagging import Item, TagCache, tag_items
 
 CANARY = "sk-canary-7f3a9b1e5d"
 
