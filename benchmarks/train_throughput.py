@@ -1,9 +1,10 @@
-"""SASRec (or any registered model) training throughput on a full benchmark, on this machine.
+"""Training throughput of registered models on a full benchmark, side by side, on this machine.
 
-Prints sequences/s, seconds per epoch, evaluation time (validation, both protocols' full scoring)
-and peak resident memory. Reads the vendored raw data directly, so no pipeline run is needed.
+For each model: sequences/s, seconds per epoch, validation time (full ranking) and the validation MRR
+after each epoch, then a summary table with each model's time per epoch relative to the first model.
+Reads the vendored raw data directly, so no pipeline run is needed. Peak RSS is for the whole process.
 
-    python benchmarks/train_throughput.py --model sasrec --epochs 2
+    python benchmarks/train_throughput.py --models sasrec c2dsr --epochs 1
 """
 
 from __future__ import annotations
@@ -21,53 +22,65 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tema import config, data  # noqa: E402
-from tema.models import ItemSpace, build  # noqa: E402
+from tema.models import ItemSpace  # noqa: E402
 from tema.protocols import evaluate_split, selection_score  # noqa: E402
 from tema.train import model_params  # noqa: E402
-from tema.training import TrainConfig, next_item_loss, seed_everything, training_batches  # noqa: E402
+from tema.training import TrainConfig, build_model, seed_everything, training_batches  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="food-kitchen")
-    parser.add_argument("--model", default="sasrec")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--params", default=str(ROOT / "profiles" / "default.yaml"))
-    args = parser.parse_args()
-
-    params = config.load_params(args.params)
-    cfg = TrainConfig.from_params(params)
-    hyper = model_params(params, args.model)
-    torch.set_num_threads(cfg.num_threads)
+def measure(name: str, dataset, params: dict, cfg: TrainConfig, epochs: int) -> dict:
+    hyper = model_params(params, name)
     seed_everything(0)
-    dataset = data.read_raw(args.dataset, ROOT / "data" / "raw")
     space = ItemSpace.of(dataset)
-    model = build(args.model, space, hyper, cfg.max_len)
     train, valid = dataset.split("train"), dataset.split("valid")
+    model = build_model(dataset, name, hyper, cfg, train)
     sequences = [h + [t] for h, t in zip(train["history"], train["target"])]
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(hyper.get("lr", 1e-3)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(hyper.get("lr", 1e-3)),
+                                 weight_decay=float(hyper.get("weight_decay", 0.0)), fused=True)
     rng = np.random.default_rng(0)
-    print(f"{args.model} on {args.dataset}: {len(sequences)} training sequences, {cfg.num_threads} threads, loss={cfg.loss}")
-    epoch_times = []
-    for epoch in range(1, args.epochs + 1):
+    print(f"{name}: {len(sequences)} training sequences, max_len {model.max_len}, {cfg.num_threads} threads, "
+          f"loss={cfg.loss}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    epoch_times, eval_times = [], []
+    for epoch in range(1, epochs + 1):
         model.train()
         start = time.perf_counter()
-        for inputs, targets in training_batches(sequences, cfg.batch_size, cfg.max_len, rng):
-            loss = next_item_loss(model.encode(inputs), targets, model.item_table(), space, cfg.loss, cfg.n_negatives)
+        for inputs, targets in training_batches(sequences, cfg.batch_size, model.max_len, rng):
+            loss = model.training_loss(inputs, targets, cfg.loss, cfg.n_negatives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         epoch_times.append(time.perf_counter() - start)
         model.eval()
         start = time.perf_counter()
-        per_user = evaluate_split(model.score, valid, space.domain_ranges, None, cfg.eval_batch_size, ("full",))
-        eval_seconds = time.perf_counter() - start
-        print(
-            f"epoch {epoch}: {epoch_times[-1]:.1f} s, {len(sequences) / epoch_times[-1]:.0f} sequences/s; "
-            f"validation ({len(valid)} examples, full ranking) {eval_seconds:.2f} s, MRR {selection_score(per_user):.4f}"
-        )
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"mean seconds/epoch: {np.mean(epoch_times):.1f}  sequences/s: {len(sequences) / np.mean(epoch_times):.0f}  peak RSS: {peak_mib:.0f} MiB")
+        with torch.no_grad():
+            per_user = evaluate_split(model.score, valid, space.domain_ranges, None, cfg.eval_batch_size, ("full",))
+        eval_times.append(time.perf_counter() - start)
+        print(f"  epoch {epoch}: {epoch_times[-1]:.1f} s, {len(sequences) / epoch_times[-1]:.0f} sequences/s; "
+              f"validation ({len(valid)} users, full ranking) {eval_times[-1]:.2f} s, MRR {selection_score(per_user):.4f}")
+    return {"model": name, "seconds_per_epoch": float(np.mean(epoch_times)),
+            "sequences_per_s": len(sequences) / float(np.mean(epoch_times)), "eval_seconds": float(np.mean(eval_times))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="food-kitchen")
+    parser.add_argument("--models", nargs="+", default=["sasrec"])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--params", default=str(ROOT / "profiles" / "default.yaml"))
+    args = parser.parse_args()
+
+    params = config.load_params(args.params)
+    cfg = TrainConfig.from_params(params)
+    torch.set_num_threads(cfg.num_threads)
+    dataset = data.read_raw(args.dataset, ROOT / "data" / "raw")
+    rows = [measure(name, dataset, params, cfg, args.epochs) for name in args.models]
+    base = rows[0]["seconds_per_epoch"]
+    print(f"\n{args.dataset}, {args.epochs} epoch(s) each")
+    print(f"{'model':<12}{'s/epoch':>10}{'seq/s':>10}{'valid s':>10}{'x ' + rows[0]['model']:>14}")
+    for r in rows:
+        print(f"{r['model']:<12}{r['seconds_per_epoch']:>10.1f}{r['sequences_per_s']:>10.0f}{r['eval_seconds']:>10.2f}"
+              f"{r['seconds_per_epoch'] / base:>14.2f}")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

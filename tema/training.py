@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from tema import config
 from tema.data import Dataset
 from tema.protocols import evaluate_split, selection_score
 from tema.models import ItemSpace, build
+from tema.models.base import next_item_loss  # noqa: F401  (re-exported: tests and benchmarks use it here)
 
 
 @dataclass(frozen=True)
@@ -105,40 +105,6 @@ def training_batches(sequences: list[list[int]], batch_size: int, max_len: int, 
         yield inputs, targets
 
 
-def next_item_loss(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    table: torch.Tensor,
-    space: ItemSpace,
-    loss: str,
-    n_negatives: int,
-) -> torch.Tensor:
-    """Cross-entropy of each next item against the items of its own domain.
-
-    "full" scores every item of the domain; "sampled" scores the target against n_negatives items
-    drawn uniformly from the domain (shared by the batch; accidental hits masked). With a uniform
-    proposal the logQ correction is the same constant for every candidate and cancels in the softmax.
-    """
-    keep = targets > 0
-    h, t = hidden[keep], targets[keep]
-    total = hidden.new_zeros(())
-    for start, stop in space.domain_ranges.values():
-        in_domain = (t > start) & (t <= stop)
-        if not in_domain.any():
-            continue
-        hd, td = h[in_domain], t[in_domain]
-        if loss == "full":
-            logits = hd @ table[start + 1 : stop + 1].T
-            total = total + F.cross_entropy(logits, td - 1 - start, reduction="sum")
-        else:
-            neg = torch.randint(start + 1, stop + 1, (n_negatives,), device=hd.device)
-            positive = (hd * table[td]).sum(-1, keepdim=True)
-            negative = (hd @ table[neg].T).masked_fill(neg.unsqueeze(0) == td.unsqueeze(1), float("-inf"))
-            logits = torch.cat([positive, negative], 1)
-            total = total + F.cross_entropy(logits, torch.zeros_like(td), reduction="sum")
-    return total / max(1, len(t))
-
-
 def code_fingerprint(model_name: str) -> str:
     """Hash of the code that determines a trained run: this loop, the shared model code, the model's module."""
     import inspect
@@ -172,6 +138,16 @@ def data_fingerprint(prepared_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def build_model(dataset: Dataset, model_name: str, hyper: dict[str, Any], cfg: TrainConfig, train: pd.DataFrame):
+    """The model, set up from the training split only (a model's own max_len, if any, overrides train.max_len)."""
+    max_len = int(hyper.get("max_len", cfg.max_len))
+    if max_len < 1:
+        raise config.ParamsError(f"params.yaml: 'model_params.{model_name}.max_len' must be >= 1, got {max_len}")
+    model = build(model_name, ItemSpace.of(dataset), hyper, max_len)
+    model.setup(train)
+    return model
+
+
 def train_run(
     dataset: Dataset,
     model_name: str,
@@ -196,8 +172,9 @@ def train_run(
     seed_everything(seed)
     device = resolve_device(cfg.device)
     space = ItemSpace.of(dataset)
-    model = build(model_name, space, hyper, cfg.max_len).to(device)
     train = dataset.split("train")
+    model = build_model(dataset, model_name, hyper, cfg, train).to(device)
+    max_len = model.max_len
     valid = dataset.split("valid")
     started = time.perf_counter()
     history: list[dict[str, Any]] = []
@@ -217,7 +194,7 @@ def train_run(
         best_state, best_score = copy.deepcopy(model.state_dict()), score
     else:
         lr = float(hyper.get("lr", 1e-3))
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=float(hyper.get("weight_decay", 0.0)))
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=float(hyper.get("weight_decay", 0.0)), fused=True)
         sequences = [h + [t] for h, t in zip(train["history"], train["target"])]
         rng = np.random.default_rng(seed)
         n_batches = -(-len(sequences) // cfg.batch_size)
@@ -225,13 +202,13 @@ def train_run(
         for epoch in range(1, cfg.max_epochs + 1):
             epoch_start, total, count = time.perf_counter(), 0.0, 0
             bar = tqdm(
-                training_batches(sequences, cfg.batch_size, cfg.max_len, rng),
+                training_batches(sequences, cfg.batch_size, max_len, rng),
                 total=n_batches, desc=f"{model_name} seed {seed} epoch {epoch}", unit="batch",
                 file=sys.stderr, mininterval=10, leave=False, disable=os.environ.get("TEMA_PROGRESS") == "0",
             )
             for inputs, targets in bar:
                 inputs, targets = inputs.to(device), targets.to(device)
-                loss = next_item_loss(model.encode(inputs), targets, model.item_table(), space, cfg.loss, cfg.n_negatives)
+                loss = model.training_loss(inputs, targets, cfg.loss, cfg.n_negatives)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -271,7 +248,7 @@ def load_run(dataset: Dataset, model_name: str, hyper: dict[str, Any], cfg: Trai
     """The selected checkpoint of a finished run, on the CPU, in eval mode."""
     if not (run_dir / "run.json").is_file():
         raise FileNotFoundError(f"{run_dir}: no finished run (run.json missing); run the train stage first")
-    model = build(model_name, ItemSpace.of(dataset), hyper, cfg.max_len)
+    model = build_model(dataset, model_name, hyper, cfg, dataset.split("train"))
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()

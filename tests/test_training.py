@@ -52,7 +52,7 @@ def test_full_loss_is_cross_entropy_over_the_target_domain():
     assert torch.isfinite(next_item_loss(hidden, targets, table, space, "sampled", 50))
 
 
-@pytest.mark.parametrize("model", ["gru4rec", "sasrec"])
+@pytest.mark.parametrize("model", ["gru4rec", "sasrec", "c2dsr"])
 def test_models_learn_a_pattern_popularity_cannot(tmp_path, model):
     ds = synthetic()
     result = train_run(ds, model, {"dim": 32, "dropout": 0.0, "lr": 0.01}, cfg(max_epochs=12, patience=12), 1, tmp_path / model, "d")
@@ -104,10 +104,12 @@ def test_bad_params_name_the_parameter(root):
         build("bert4rec", ItemSpace(70, {"A": (0, 30), "B": (30, 70)}), {}, 10)
 
 
-@pytest.mark.parametrize("model", ["gru4rec", "sasrec"])
+@pytest.mark.parametrize("model", ["gru4rec", "sasrec", "c2dsr"])
 def test_scores_do_not_depend_on_the_padding_a_batch_needs(model):
     torch.manual_seed(0)
-    recommender = build(model, ItemSpace(70, {"A": (0, 30), "B": (30, 70)}), {"dim": 16, "dropout": 0.0}, 10).eval()
+    recommender = build(model, ItemSpace(70, {"A": (0, 30), "B": (30, 70)}), {"dim": 16, "dropout": 0.0}, 10)
+    recommender.setup(synthetic().split("train"))
+    recommender.eval()
     short, long = [3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14]
     with torch.no_grad():
         alone = recommender.score([short], "B")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -31,6 +32,40 @@ def pad_histories(histories: list[list[int]], max_len: int) -> torch.Tensor:
     return out
 
 
+def next_item_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    table: torch.Tensor,
+    space: ItemSpace,
+    loss: str,
+    n_negatives: int,
+) -> torch.Tensor:
+    """Cross-entropy of each next item against the items of its own domain.
+
+    "full" scores every item of the domain; "sampled" scores the target against n_negatives items
+    drawn uniformly from the domain (shared by the batch; accidental hits masked). With a uniform
+    proposal the logQ correction is the same constant for every candidate and cancels in the softmax.
+    """
+    keep = targets > 0
+    h, t = hidden[keep], targets[keep]
+    total = hidden.new_zeros(())
+    for start, stop in space.domain_ranges.values():
+        in_domain = (t > start) & (t <= stop)
+        if not in_domain.any():
+            continue
+        hd, td = h[in_domain], t[in_domain]
+        if loss == "full":
+            logits = hd @ table[start + 1 : stop + 1].T
+            total = total + F.cross_entropy(logits, td - 1 - start, reduction="sum")
+        else:
+            neg = torch.randint(start + 1, stop + 1, (n_negatives,), device=hd.device)
+            positive = (hd * table[td]).sum(-1, keepdim=True)
+            negative = (hd @ table[neg].T).masked_fill(neg.unsqueeze(0) == td.unsqueeze(1), float("-inf"))
+            logits = torch.cat([positive, negative], 1)
+            total = total + F.cross_entropy(logits, torch.zeros_like(td), reduction="sum")
+    return total / max(1, len(t))
+
+
 class SequenceRecommender(nn.Module):
     """A model that encodes a (merged-domain) sequence and scores items by a dot product with its item table.
 
@@ -44,6 +79,14 @@ class SequenceRecommender(nn.Module):
         super().__init__()
         self.space = space
         self.max_len = max_len
+
+    def setup(self, train) -> None:
+        """Derive what the model needs from the training split (graphs, counts) before training and
+        before loading a checkpoint. Only training interactions may be read here. Default: nothing."""
+
+    def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str, n_negatives: int) -> torch.Tensor:
+        """Loss of one batch (left-padded model indices; inputs[:, t] predicts targets[:, t])."""
+        return next_item_loss(self.encode(inputs), targets, self.item_table(), self.space, loss, n_negatives)
 
     def encode(self, seqs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

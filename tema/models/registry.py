@@ -32,5 +32,5 @@ def build(name: str, space, hyper: dict[str, Any], max_len: int):
     return cls(space, max_len=max_len, **arch)
 
 
-# Per-model optimisation settings that live beside the architecture in params.yaml.
-TRAINING_KEYS = {"lr", "weight_decay"}
+# Per-model training settings that live beside the architecture in params.yaml (max_len overrides train.max_len).
+TRAINING_KEYS = {"lr", "weight_decay", "max_len"}
