@@ -31,6 +31,21 @@ def apply_profile(name: str) -> Path:
     return out
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM end a long run cleanly (requests in flight finish and are cached, the server stops).
+
+    A job started with `nohup ... &` from a script inherits SIGINT as ignored, and Python then keeps
+    ignoring it; both signals are routed to KeyboardInterrupt explicitly.
+    """
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["llm"]:
@@ -63,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
         from tema.tags import generate
 
-        print(json.dumps(generate(args.dataset, config.load_params(), args.limit), indent=2))
+        stop_on_signals()
+        try:
+            print(json.dumps(generate(args.dataset, config.load_params(), args.limit), indent=2))
+        except KeyboardInterrupt as stop:
+            print(f"stopped ({stop}); finished answers are cached, run the same command to resume", file=sys.stderr)
+            return 130
     return 0
 
 

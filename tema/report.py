@@ -122,6 +122,35 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def deviations_section(params: dict[str, Any]) -> str:
+    """Per model: the published settings next to ours, and how our implementation departs from the paper's code."""
+    import inspect
+
+    from tema.models import MODELS
+
+    parts = []
+    for name in config.get(params, "models", list):
+        module = inspect.getmodule(MODELS[name])
+        paper = getattr(module, "PAPER_HYPER", None)
+        notes = getattr(module, "DEVIATIONS", [])
+        if not paper and not notes:
+            continue
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        if paper:
+            ours = {**paper, **(params.get("model_params", {}).get(name) or {})}
+            if "max_len" not in (params.get("model_params", {}).get(name) or {}):
+                ours["max_len"] = config.get(params, "train.max_len", int)
+            why = getattr(module, "WHY_DIFFERENT", {})
+            rows = [{"setting": k, "paper": paper[k], "this study": ours[k],
+                     "why": why.get(k, "") if ours[k] != paper[k] else ""} for k in paper]
+            parts.append(pd.DataFrame(rows).set_index("setting").to_html(classes="table"))
+        if notes:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    if not parts:
+        return ""
+    return "<h2 id=\"deviations\">Deviations from the published models</h2>\n" + "\n".join(parts)
+
+
 def img_tag(png: bytes, alt: str) -> str:
     return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>'
 
@@ -138,7 +167,8 @@ def build_index(params: dict[str, Any]) -> Path:
     datasets = config.get(params, "datasets", list)
     root = config.repo_root()
     toc = "".join(f'<li><a href="#{d}">{html.escape(d)}</a></li>' for d in datasets)
-    body = "\n".join(dataset_section(d, params) for d in datasets)
+    toc += '<li><a href="#deviations">Deviations from the published models</a></li>'
+    body = "\n".join(dataset_section(d, params) for d in datasets) + "\n" + deviations_section(params)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>TEMA study: results</title><style>{STYLE}</style></head>
 <body>

@@ -13,7 +13,8 @@ import pytest
 from conftest import copy_worktree
 from tema.protocols import METRICS, PROTOCOLS
 
-MODELS = ["popularity", "gru4rec", "sasrec"]
+MODELS = ["popularity", "gru4rec", "sasrec", "c2dsr"]
+DATASETS = ["food-kitchen", "art-office"]
 
 
 def sh(*args: str, cwd: Path) -> str:
@@ -40,21 +41,22 @@ def smoke_repo(tmp_path_factory, root) -> Path:
 
 @pytest.mark.slow
 def test_smoke_pipeline_reports_every_model_protocol_and_domain(smoke_repo):
-    metrics = json.loads((smoke_repo / "reports/food-kitchen/metrics.json").read_text())
-    assert sorted(metrics) == sorted(MODELS)
-    for model in MODELS:
-        assert sorted(metrics[model]) == sorted(PROTOCOLS)
-        for protocol in PROTOCOLS:
-            for domain in ("A", "B"):
-                keys = metrics[model][protocol][domain]
-                assert {m.replace("@", "_") for m in METRICS} <= set(keys)
-                assert all(0.0 <= v <= 1.0 for v in keys.values())
     index = (smoke_repo / "reports/index.html").read_text()
-    for needle in [*MODELS, "sampled-999", "full", "Dataset statistics", "Training curves", "data:image/png;base64"]:
+    for needle in [*MODELS, *DATASETS, "sampled-999", "full", "Dataset statistics", "Training curves", "data:image/png;base64"]:
         assert needle in index
-    for stage in ["prepare", "evaluate", *(f"train-{m}" for m in MODELS)]:
-        assert f'href="food-kitchen/{stage}.html"' in index
-        assert (smoke_repo / f"reports/food-kitchen/{stage}.html").stat().st_size > 10_000
+    for dataset in DATASETS:
+        metrics = json.loads((smoke_repo / f"reports/{dataset}/metrics.json").read_text())
+        assert sorted(metrics) == sorted(MODELS)
+        for model in MODELS:
+            assert sorted(metrics[model]) == sorted(PROTOCOLS)
+            for protocol in PROTOCOLS:
+                for domain in ("A", "B"):
+                    keys = metrics[model][protocol][domain]
+                    assert {m.replace("@", "_") for m in METRICS} <= set(keys)
+                    assert all(0.0 <= v <= 1.0 for v in keys.values())
+        for stage in ["prepare", "evaluate", *(f"train-{m}" for m in MODELS)]:
+            assert f'href="{dataset}/{stage}.html"' in index
+            assert (smoke_repo / f"reports/{dataset}/{stage}.html").stat().st_size > 10_000
     # executed notebooks carry outputs but no machine paths and no progress-bar noise
     for path, content in report_files(smoke_repo).items():
         text = content.decode("utf-8", errors="ignore")

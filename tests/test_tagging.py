@@ -132,6 +132,27 @@ tag_items(items, lambda: OpenAI(base_url={url!r}, api_key="t", max_retries=0), "
 """
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_stop_a_background_run_cleanly(tmp_path, signum):
+    """As `nohup tema tags generate ... &` from a script: SIGINT arrives ignored, and must still stop the run."""
+    path = tmp_path / "c.jsonl"
+    code = "from tema.cli import stop_on_signals; stop_on_signals()\n" + WORKER
+    with StubLLM(delay=0.1) as stub:
+        code = code.format(tests=str(Path(__file__).parent), url=stub.base_url, path=str(path))
+        proc = subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while time.time() < deadline and (not path.exists() or path.read_bytes().count(b"\n") < 8):
+            time.sleep(0.05)
+        os.kill(proc.pid, signum)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err  # stopped, not finished
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and 8 <= len(lines) - 1 < 40  # whole lines only: requests in flight were finished
+    records = [json.loads(line) for line in lines[:-1]]
+    assert all(r["status"] == "ok" for r in records) and len({r["item_id"] for r in records}) == len(records)
+
+
 def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     path = tmp_path / "c.jsonl"
     with StubLLM(delay=0.1) as stub:
