@@ -51,6 +51,39 @@ def summarize_seeds(per_user: pd.DataFrame, split: str = "test") -> pd.DataFrame
     return table
 
 
+SIGNIFICANCE_METRICS = ("MRR", "NDCG@10")
+
+
+def significance(per_user: pd.DataFrame, reference: str, split: str = "test", metrics=SIGNIFICANCE_METRICS) -> pd.DataFrame:
+    """Paired two-sided Wilcoxon signed-rank tests of `reference` against every other model.
+
+    Pairs are users (examples) of one protocol and target domain; each user's metric is first averaged
+    over seeds. Returns one row per (protocol, domain, model, metric): both means, their difference,
+    the number of pairs and the p-value (1.0 when every pair is tied).
+    """
+    from scipy.stats import wilcoxon
+
+    rows = per_user[per_user["split"] == split]
+    if reference not in set(rows["model"]):
+        raise config.ParamsError(f"params.yaml: 'evaluate.reference' is {reference!r}, which is not among the evaluated models")
+    by_user = rows.groupby(["protocol", "domain", "model", "user"], sort=False)[list(metrics)].mean()
+    out = []
+    for (protocol, domain), block in by_user.groupby(level=["protocol", "domain"], sort=False):
+        ref = block.xs(reference, level="model")
+        for model in dict.fromkeys(block.index.get_level_values("model")):
+            if model == reference:
+                continue
+            other = block.xs(model, level="model").reindex(ref.index)
+            for metric in metrics:
+                a, b = ref[metric].droplevel([0, 1]), other[metric].droplevel([0, 1])
+                diff = (a - b).to_numpy()
+                p = 1.0 if not diff.any() else float(wilcoxon(a.to_numpy(), b.to_numpy(), zero_method="wilcox").pvalue)
+                out.append({"protocol": protocol, "domain": domain, "reference": reference, "model": model, "metric": metric,
+                            "reference_mean": float(a.mean()), "model_mean": float(b.mean()), "difference": float(diff.mean()),
+                            "pairs": len(diff), "p_value": p})
+    return pd.DataFrame(out)
+
+
 def metrics_json(summary: pd.DataFrame) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for r in summary.to_dict("records"):
@@ -74,6 +107,9 @@ def run(dataset_name: str, params: dict[str, Any]) -> pd.DataFrame:
     report_dir.mkdir(parents=True, exist_ok=True)
     summary.to_csv(report_dir / "results.csv", index=False, float_format="%.6f")
     (report_dir / "metrics.json").write_text(json.dumps(metrics_json(summary), indent=2) + "\n")
+    reference = config.get(params, "evaluate.reference", (str, type(None)))
+    sig = significance(per_user, reference) if reference else pd.DataFrame()
+    sig.to_csv(report_dir / "significance.csv", index=False, float_format="%.6g")
     return summary
 
 

@@ -112,6 +112,20 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
         for col, model in best.items():
             cells.loc[model, col] = f"<b>{cells.loc[model, col]}</b>"
         parts.append(f"<h4>{protocol}</h4>" + cells.to_html(escape=False, classes="table"))
+    sig_path = root / "reports" / dataset / "significance.csv"
+    sig = pd.read_csv(sig_path) if sig_path.is_file() and sig_path.stat().st_size > 1 else pd.DataFrame()
+    if len(sig):
+        reference = sig["reference"].iloc[0]
+        sig["cell"] = [f"{d:+.4f} (p={p:.2g}){' *' if p < 0.05 else ''}" for d, p in zip(sig["difference"], sig["p_value"])]
+        wide = sig.pivot(index="model", columns=["protocol", "domain", "metric"], values="cell")
+        wide = wide[[c for c in [(p, d, m) for p in PROTOCOLS for d in data.DOMAINS for m in sorted(set(sig["metric"]))] if c in wide.columns]]
+        wide.columns = [f"{p} {d} {m}" for p, d, m in wide.columns]
+        wide = wide.loc[[m for m in models if m in wide.index]]
+        parts.append(
+            f"<h4>Significance: {html.escape(reference)} against each model</h4><p>Difference of the mean test metric "
+            f"({html.escape(reference)} minus the model) and the p-value of a paired two-sided Wilcoxon signed-rank test over "
+            "test users (each user's metric averaged over seeds); * marks p &lt; 0.05.</p>" + wide.to_html(classes="table")
+        )
     parts.append(img_tag(figure_png(plot_results(summary)), f"{dataset} test MRR"))
     parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, cfg.seeds)), f"{dataset} curves"))
     links = [("prepare", f"{dataset}/prepare.html")]
