@@ -85,3 +85,14 @@ def test_contrastive_term_changes_the_loss_and_full_softmax_works():
     mixed = model.training_loss(inputs, targets, "full", 0)
     assert torch.isfinite(rec_only) and torch.isfinite(mixed) and not torch.isclose(0.7 * rec_only, mixed)
     assert torch.isfinite(model.training_loss(inputs, targets, "sampled", 8))
+
+
+def test_lambda_weights_the_recommendation_loss_even_without_mixed_sequences():
+    torch.manual_seed(0)
+    ds = synthetic()
+    model = build_model(ds, "c2dsr", HYPER, cfg(), ds.split("train")).eval()
+    inputs = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])  # domain A only: no infomax pair
+    targets = torch.tensor([[2, 3, 4, 5], [5, 6, 7, 8]])
+    weighted = model.training_loss(inputs, targets, "full", 0)
+    model.lam = 1.0
+    assert torch.isclose(weighted, 0.7 * model.training_loss(inputs, targets, "full", 0))

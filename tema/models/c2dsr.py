@@ -37,16 +37,22 @@ from tema.models.sasrec import causal_padding_mask
 DEVIATIONS = [
     "Sequences with items of one domain only are kept for the recommendation losses (the authors' loader drops "
     "them: their Amazon splits have only overlapping users, while 85% of food-kitchen's training users see one "
-    "domain); the infomax term uses the sequences that have both domains.",
+    "domain); the infomax term uses, like the authors' code, the sequences with at least two items of each domain "
+    "in the window (so that each domain has a next-item target).",
     "Next-item losses use the same in-domain sampled softmax (train.loss, train.n_negatives) as every model here, "
-    "not a full softmax over each domain: a full softmax over 27,637 Kitchen items at dimension 256 does not fit the "
-    "CPU budget. train.loss: full restores the paper's loss.",
+    "not a full softmax over each domain: a full softmax over 27,637 Kitchen items does not fit the CPU budget. "
+    "train.loss: full restores the paper's loss.",
     "Each loss term is a mean over its own targets, without the extra padding class (lin_PAD) that the authors' "
-    "code adds to every softmax and masks out.",
+    "code adds to every softmax; the authors average over all last-10 slots, targets or not, which weights the "
+    "infomax term relatively more.",
     "The last X item stays in the X sequence when the sequence's final target is in Y (the authors drop it from the "
-    "training input, although it is part of the X sequence at test time); it just has no X target.",
+    "training input); with causal attention and no target there, this changes no loss.",
     "Attention never reads padding (a key-padding mask); the authors' encoder zeroes padded vectors but lets "
     "queries attend to them.",
+    "A history with no item of the target's domain is scored from the merged state alone; the authors' code adds "
+    "the domain encoder's output at a padded position (a learned constant).",
+    "Corrupted sequences are drawn afresh in every batch (the authors draw them once when loading the data).",
+    "Adam with PyTorch's default betas (0.9, 0.999), as for every model here; the authors use (0.9, 0.98).",
     "Model selection follows this study's protocol (best mean of the two domains' validation MRR, full ranking, "
     "early stopping) instead of the authors' 100 epochs with a check every 5, and ties count against the target.",
 ]
@@ -301,7 +307,7 @@ class C2DSR(SequenceRecommender):
             specific = nxt[:, used] > 0
             rec = rec + self.domain_loss(k, (m + h_dom[:, used])[specific], nxt[:, used][specific], loss, n_negatives)
         if not both.any():
-            return rec
+            return self.lam * rec  # the same weight as in every other batch
 
         # Sequential infomax with cross-domain corrupted sequences (sequences holding both domains).
         def mean_at(h, mask):
