@@ -221,7 +221,8 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
     started = time.perf_counter()
     write_npy(out / "text.npy", encoder(texts, desc=f"{dataset_name} item text"))
     meta["text"] = {"encoder": name, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length,
-                    "input_sha256": sha256_lines(texts), "seconds": round(time.perf_counter() - started, 1)}
+                    "input_sha256": sha256_lines(texts)}
+    print(f"{dataset_name}: {len(texts):,} item texts in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
     tag_dir = config.dataset_dir("tags", dataset_name)
     for stale in ("tags.tsv", "tag_vectors.npy", "item_tag_ids.npy", "item_tag_ranks.npy"):
@@ -244,8 +245,8 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
             "shared": int((tags["in_A"] & tags["in_B"]).sum()), "max_tags_per_item": int(ids.shape[1]),
             "items_with_tags": int(tagged.sum()), "mean_tags_per_item": round(float((ids >= 0).sum(1).mean()), 3),
             "input_sha256": sha256_lines([*tags["tag"], *map(json.dumps, item_tags["tags"])]),
-            "seconds": round(time.perf_counter() - started, 1),
         }
+        print(f"{dataset_name}: {len(tags):,} tags in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     else:
         meta["tags"] = {"available": False, "reason": f"no tags for {dataset_name} (data/tags/{dataset_name}/ is missing; "
                         "the dataset is not in tag_datasets yet)"}
