@@ -2,9 +2,11 @@
 
 For each model: sequences/s, seconds per epoch, validation time (full ranking) and the validation MRR
 after each epoch, then a summary table with each model's time per epoch relative to the first model.
-Reads the vendored raw data directly, so no pipeline run is needed. Peak RSS is for the whole process.
+Reads the vendored raw data directly; models that read frozen features (TEMA, its ablations, SASRec-text)
+need the features stage's output first (dvc repro features@<dataset>). Peak RSS is for the whole process.
 
     python benchmarks/train_throughput.py --models sasrec c2dsr --epochs 1
+    python benchmarks/train_throughput.py --models sasrec sasrec-text tema --epochs 2
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tema.training import TrainConfig, build_model, seed_everything, training_ba
 
 
 def measure(name: str, dataset, params: dict, cfg: TrainConfig, epochs: int) -> dict:
-    hyper = model_params(params, name)
+    hyper = model_params(params, name, dataset.name)
     seed_everything(0)
     space = ItemSpace.of(dataset)
     train, valid = dataset.split("train"), dataset.split("valid")

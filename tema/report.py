@@ -98,24 +98,44 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
         "domain; <b>sampled-999</b>: among 999 seeded random items of its domain. Ties count against the target. "
         "Best mean per column in bold.</p>"
     )
-    for protocol in PROTOCOLS:
-        rows = summary[summary["protocol"] == protocol]
-        table = format_table(rows)
-        table.columns = [f"{d} {m}" for _, d, m in table.columns]
-        best = {}
-        for d in data.DOMAINS:
-            for m in METRICS:
-                sub = rows[rows["domain"] == d].set_index("model")[f"mean_{m}"]
-                if len(sub):
-                    best[f"{d} {m}"] = sub.idxmax()
-        cells = table.copy()
-        for col, model in best.items():
-            cells.loc[model, col] = f"<b>{cells.loc[model, col]}</b>"
-        parts.append(f"<h4>{protocol}</h4>" + cells.to_html(escape=False, classes="table"))
     sig_path = root / "reports" / dataset / "significance.csv"
     sig = pd.read_csv(sig_path) if sig_path.is_file() and sig_path.stat().st_size > 1 else pd.DataFrame()
+    p_of = {(r.model, r.protocol, r.domain, r.metric): r.p_value for r in sig.itertuples()} if len(sig) else {}
+    reference = sig["reference"].iloc[0] if len(sig) else None
+    from tema.models.tema import ABLATIONS
+
+    groups = [("Main results", [m for m in models if m not in ABLATIONS], METRICS)]
+    ablations = [m for m in models if m in ABLATIONS]
+    if ablations:
+        groups.append(("Ablations", [m for m in models if m == "tema"] + ablations, ("MRR", "NDCG@10")))
+    if reference:
+        parts.append(
+            f"<p>Marks: * the model differs from {html.escape(reference)} with p &lt; 0.05 (paired two-sided Wilcoxon "
+            "signed-rank test over test users, each user's metric averaged over seeds; MRR and NDCG@10 are tested). "
+            "The p-values are in the significance table below.</p>"
+        )
+    for title, group, metrics in groups:
+        for protocol in PROTOCOLS:
+            rows = summary[(summary["protocol"] == protocol) & summary["model"].isin(group)]
+            if not len(rows):
+                continue
+            table = format_table(rows, metrics)
+            table.columns = [f"{d} {m}" for _, d, m in table.columns]
+            cells = table.copy()
+            for d in data.DOMAINS:
+                for m in metrics:
+                    col = f"{d} {m}"
+                    if col not in cells.columns:
+                        continue
+                    for model in cells.index:
+                        p = p_of.get((model, protocol, d, m))
+                        if p is not None and p < 0.05:
+                            cells.loc[model, col] = f"{cells.loc[model, col]} *"
+                    best = rows[rows["domain"] == d].set_index("model")[f"mean_{m}"]
+                    if len(best):
+                        cells.loc[best.idxmax(), col] = f"<b>{cells.loc[best.idxmax(), col]}</b>"
+            parts.append(f"<h4>{title}, {protocol}</h4>" + cells.to_html(escape=False, classes="table"))
     if len(sig):
-        reference = sig["reference"].iloc[0]
         sig["cell"] = [f"{d:+.4f} (p={p:.2g}){' *' if p < 0.05 else ''}" for d, p in zip(sig["difference"], sig["p_value"])]
         wide = sig.pivot(index="model", columns=["protocol", "domain", "metric"], values="cell")
         wide = wide[[c for c in [(p, d, m) for p in PROTOCOLS for d in data.DOMAINS for m in sorted(set(sig["metric"]))] if c in wide.columns]]
@@ -128,6 +148,7 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
         )
     parts.append(img_tag(figure_png(plot_results(summary)), f"{dataset} test MRR"))
     parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, cfg.seeds)), f"{dataset} curves"))
+    parts.append(explanations_section(dataset, params))
     links = [("prepare", f"{dataset}/prepare.html")]
     links += [(f"train {m}", f"{dataset}/train-{m}.html") for m in models]
     links += [("evaluate", f"{dataset}/evaluate.html")]
@@ -143,13 +164,16 @@ def deviations_section(params: dict[str, Any]) -> str:
     from tema.models import MODELS
 
     parts = []
+    by_module: dict[Any, list[str]] = {}
     for name in config.get(params, "models", list):
-        module = inspect.getmodule(MODELS[name])
+        by_module.setdefault(inspect.getmodule(MODELS[name]), []).append(name)
+    for module, names in by_module.items():
+        name = names[0]
         paper = getattr(module, "PAPER_HYPER", None)
         notes = getattr(module, "DEVIATIONS", [])
         if not paper and not notes:
             continue
-        parts.append(f"<h3>{html.escape(name)}</h3>")
+        parts.append(f"<h3>{html.escape(', '.join(names))}</h3>")
         if paper:
             ours = {**paper, **(params.get("model_params", {}).get(name) or {})}
             if "max_len" not in (params.get("model_params", {}).get(name) or {}):
@@ -163,6 +187,75 @@ def deviations_section(params: dict[str, Any]) -> str:
     if not parts:
         return ""
     return "<h2 id=\"deviations\">Deviations from the published models</h2>\n" + "\n".join(parts)
+
+
+def explanations_section(dataset: str, params: dict[str, Any], model: str = "tema", n_users: int = 3) -> str:
+    """For a few test users (seeded sample, histories with both domains): the model's top recommendations in
+    the target's domain, the tags they share with the history, and the attention of the last step over the
+    history (merged self-attention, tag attention, the target domain's cross-domain attention)."""
+    if model not in config.get(params, "models", list):
+        return ""
+    from tema import features
+    from tema.train import model_params
+    from tema.training import load_run
+
+    cfg = TrainConfig.from_params(params)
+    ds = data.load(dataset, config.dataset_dir("prepared", dataset))
+    run_dir = config.dataset_dir("runs", dataset) / model / f"seed{cfg.seeds[0]}"
+    recommender = load_run(ds, model, model_params(params, model, dataset), cfg, run_dir)
+    bank = features.load(dataset)
+    names = list(bank["tags"]["tag"]) if "tags" in bank else []
+    tag_ids = bank.get("item_tag_ids")
+    titles = ds.items.set_index("item_id")["title"]
+    domain_of = ds.items.set_index("item_id")["domain"]
+
+    def tags_of(item: int) -> list[str]:
+        return [] if tag_ids is None else [names[t] for t in tag_ids[item] if t >= 0]
+
+    def title(item: int) -> str:
+        text = str(titles.get(item, ""))
+        return html.escape(text if len(text) <= 70 else text[:67] + "...")
+
+    def bar(weight: float | None) -> str:
+        if weight is None:
+            return ""
+        return f'<span style="display:inline-block;background:#4c72b0;height:8px;width:{int(round(weight * 80))}px"></span> {weight:.2f}'
+
+    test = ds.split("test")
+    mixed = test[[len({domain_of[i] for i in h}) == 2 for h in test["history"]]]
+    if not len(mixed):
+        return ""
+    sample = mixed.sample(min(n_users, len(mixed)), random_state=0)
+    parts = [
+        f"<h3>Explanations ({html.escape(model)}, seed {cfg.seeds[0]})</h3><p>Sampled test users (seeded) whose history holds "
+        "both domains. For the user's history window: each item's tags, and the attention of the last step over the "
+        "history in the merged stream's last self-attention block, in its tag attention, and in the target domain's "
+        "cross-domain attention. Then the top 5 items the model recommends in the target's domain, with the tags they "
+        "share with the history in bold.</p>"
+    ]
+    for _, row in sample.iterrows():
+        why = recommender.explain(list(row["history"]), row["target_domain"], top=5)
+        history_tags = {t for i in why["history"] for t in tags_of(i)}
+        rows = []
+        for j, item in enumerate(why["history"]):
+            weights = [why[k][j] if why.get(k) else None for k in ("self_attention", "tag_attention", "cross_attention")]
+            rows.append(f"<tr><td>{domain_of[item]}</td><td style='text-align:left'>{title(item)}</td>"
+                        f"<td style='text-align:left'>{html.escape(', '.join(tags_of(item)))}</td>"
+                        + "".join(f"<td style='text-align:left'>{bar(w)}</td>" for w in weights) + "</tr>")
+        recs = []
+        for rank, item in enumerate(why["recommended"], 1):
+            tags = ", ".join(f"<b>{html.escape(t)}</b>" if t in history_tags else html.escape(t) for t in tags_of(item))
+            hit = " (the target)" if item == row["target"] else ""
+            recs.append(f"<tr><td>{rank}</td><td style='text-align:left'>{title(item)}{hit}</td><td style='text-align:left'>{tags}</td></tr>")
+        parts.append(
+            f"<h4>User {html.escape(str(row['user']))}: next item in {row['target_domain']} "
+            f"(target: {title(row['target'])})</h4>"
+            "<table class='table'><tr><th>domain</th><th>history item (oldest first)</th><th>tags</th><th>self-attention</th>"
+            "<th>tag attention</th><th>cross-domain attention</th></tr>" + "".join(rows) + "</table>"
+            "<table class='table'><tr><th>rank</th><th>recommended</th><th>tags (shared with the history in bold)</th></tr>"
+            + "".join(recs) + "</table>"
+        )
+    return "\n".join(parts)
 
 
 def img_tag(png: bytes, alt: str) -> str:

@@ -14,15 +14,26 @@ from tema import config, data
 from tema.training import TrainConfig, data_fingerprint, train_run
 
 
-def model_params(params: dict[str, Any], model: str) -> dict[str, Any]:
-    hyper = config.get(params, f"model_params.{model}", (dict, type(None)))
-    return dict(hyper or {})
+def model_params(params: dict[str, Any], model: str, dataset_name: str | None = None) -> dict[str, Any]:
+    """The model's hyper-parameters from params.yaml; for a model that reads the features stage (TEMA,
+    SASRec-text), also which dataset's features and their identity (so new features retrain it)."""
+    hyper = dict(config.get(params, f"model_params.{model}", (dict, type(None))) or {})
+    if dataset_name is not None:
+        from tema.models import MODELS
+        from tema.models.tema import features_identity, uses_features
+
+        if model in MODELS and uses_features(MODELS[model]):
+            meta = config.dataset_dir("features", dataset_name) / "meta.json"
+            if not meta.is_file():
+                raise FileNotFoundError(f"{meta}: no finished features; run dvc repro features@{dataset_name} before training {model}")
+            hyper.update(features=dataset_name, features_id=features_identity(meta.read_bytes()))
+    return hyper
 
 
 def run(dataset_name: str, model: str, params: dict[str, Any]) -> pd.DataFrame:
     """Train every seed of `model` (skipping finished ones); returns the per-seed run summaries."""
     cfg = TrainConfig.from_params(params)
-    hyper = model_params(params, model)
+    hyper = model_params(params, model, dataset_name)
     prepared = config.dataset_dir("prepared", dataset_name)
     dataset = data.load(dataset_name, prepared)
     data_hash = data_fingerprint(prepared)

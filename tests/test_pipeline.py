@@ -13,7 +13,7 @@ import pytest
 from conftest import copy_worktree
 from tema.protocols import METRICS, PROTOCOLS
 
-MODELS = ["popularity", "gru4rec", "sasrec", "c2dsr"]
+MODELS = ["popularity", "gru4rec", "sasrec", "sasrec-text", "c2dsr", "tema", "tema-no-tags"]
 DATASETS = ["food-kitchen", "art-office"]
 
 

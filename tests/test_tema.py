@@ -1,0 +1,207 @@
+"""TEMA and SASRec-text: the item representation, the three streams and their attention levels, the
+ablation switches, and how the models find the features stage's arrays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from test_training import N_A, N_B, cfg, synthetic
+from tema import train as train_stage
+from tema.models import MODELS, ItemSpace, build
+from tema.models.tema import ABLATIONS, features_identity
+from tema.training import load_run, train_run
+
+SPACE = ItemSpace(N_A + N_B, {"A": (0, N_A), "B": (N_A, N_A + N_B)})
+HYPER = {"dim": 16, "dropout": 0.0, "blocks": 1}
+
+
+def bank(seed: int = 0, tagged: int | None = None) -> dict[str, np.ndarray]:
+    """Features for the synthetic dataset: 8-d text vectors, 6 tags, up to 3 tags per item (ranks 1..3).
+
+    Item i's tags follow its position in its domain (i % 6 ...), so an A item and its mirrored B item share
+    tags; items from `tagged` on have none.
+    """
+    rng = np.random.default_rng(seed)
+    n = N_A + N_B
+    ids = np.full((n, 3), -1, dtype=np.int32)
+    ranks = np.zeros((n, 3), dtype=np.int16)
+    for item in range(n if tagged is None else tagged):
+        local = item if item < N_A else item - N_A
+        ids[item] = [local % 6, (local + 1) % 6, (local + 2) % 6]
+        ranks[item] = [1, 2, 3]
+    return {
+        "text": rng.normal(size=(n, 8)).astype(np.float32),
+        "tag_vectors": rng.normal(size=(6, 8)).astype(np.float32),
+        "item_tag_ids": ids, "item_tag_ranks": ranks,
+        "visual_mask": np.zeros(n, dtype=np.uint8),
+    }
+
+
+def model(name: str = "tema", features=None, **hyper):
+    torch.manual_seed(0)
+    return build(name, SPACE, {**HYPER, "features": bank() if features is None else features, **hyper}, 10).eval()
+
+
+def test_item_representation_is_id_plus_text_plus_weighted_tags():
+    m = model()
+    items = m.items
+    with torch.no_grad():
+        items.a_tag.weight.zero_()  # no learned preference: alpha follows the rank prior, 1/rank
+        rows = torch.tensor([0, 1, N_A + 1])
+        alpha = items.tag_weights(rows)
+        prior = torch.tensor([1, 1 / 2, 1 / 3])
+        assert torch.allclose(alpha[1], prior / prior.sum()) and alpha[0].sum() == 0  # padding has no tags
+        tau = torch.as_tensor(bank()["tag_vectors"])
+        expected_g = (alpha[1].unsqueeze(-1) * items.p_tag(tau[[0, 1, 2]])).sum(0)  # item 0 of A: local 0 -> tags 0, 1, 2
+        expected = items.ids.weight[1] + items.p_text(torch.as_tensor(bank()["text"][0])) + expected_g
+        assert torch.allclose(items(rows)[1], expected, atol=1e-6)
+        assert items(rows)[0].abs().sum() == 0
+
+
+def test_mean_pooled_tags_and_items_without_tags():
+    m = model("tema-mean-tags", features=bank(tagged=10))
+    with torch.no_grad():
+        alpha = m.items.tag_weights(torch.tensor([1, 11]))  # item 0 has 3 tags, item 10 none
+    assert torch.allclose(alpha[0], torch.full((3,), 1 / 3)) and alpha[1].abs().sum() == 0
+    assert not hasattr(m.items, "w_tag")
+
+
+def test_ablation_switches_remove_what_they_name():
+    full, no_tags = model(), model("tema-no-tags")
+    assert not no_tags.items.has_tags and not hasattr(no_tags.items, "p_tag")
+    assert model("tema-no-tag-attention").streams_[0].tag_attention is None and full.streams_[0].tag_attention is not None
+    assert model("tema-no-cross-attention").cross is None and full.cross is not None
+    assert not model("tema-no-text").items.use_text and full.items.use_text
+    assert set(ABLATIONS) <= set(MODELS)
+    with pytest.raises(ValueError, match="fixes"):
+        model("tema-no-tags", tags="weighted")
+    model("tema-no-tags", tags="none")  # repeating the fixed switch is fine
+    with pytest.raises(KeyError, match="unknown key"):
+        build("tema", SPACE, {**HYPER, "features": bank(), "tag_fusion": "max"}, 10)
+
+
+def test_tags_change_the_scores_only_when_the_model_reads_them():
+    other_tags = {**bank(), "tag_vectors": bank(seed=1)["tag_vectors"]}
+    history = [[1, 2, N_A + 1, 3]]
+    with torch.no_grad():
+        assert not torch.allclose(model().score(history, "B"), model(features=other_tags).score(history, "B"))
+        assert torch.equal(model("tema-no-tags").score(history, "B"), model("tema-no-tags", features=other_tags).score(history, "B"))
+
+
+def test_domain_stream_reads_the_other_domain_only_through_cross_attention():
+    a_only = torch.tensor([[1, 2, N_A + 3, 4]])
+    swapped = torch.tensor([[1, 2, N_A + 9, 4]])  # a different B item at the same step
+    for name, independent in (("tema-no-cross-attention", True), ("tema", False)):
+        m = model(name)
+        with torch.no_grad():
+            _, ha, _ = m.streams(a_only)
+            _, ha2, _ = m.streams(swapped)
+        assert torch.allclose(ha, ha2, atol=1e-6) == independent, name
+
+
+def test_streams_are_causal_and_padding_does_not_matter():
+    m = model()
+    seqs = torch.tensor([[0, 1, 2, N_A + 1, 3, N_A + 2]])
+    changed = seqs.clone()
+    changed[0, 4:] = torch.tensor([7, N_A + 20])
+    with torch.no_grad():
+        before, after = m.streams(seqs), m.streams(changed)
+        for h1, h2 in zip(before, after):
+            assert torch.allclose(h1[:, :4], h2[:, :4], atol=1e-6)  # the future never leaks into a step
+        alone = m.score([[3, 4, 5]], "B")
+        batched = m.score([[3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14]], "B")[:1]
+    assert torch.allclose(alone, batched, atol=1e-5)
+
+
+def test_explanations_cover_the_history():
+    m = model()
+    history = [1, 2, N_A + 1, 3]
+    why = m.explain(history, "B", top=3)
+    assert why["history"] == history and len(why["recommended"]) == 3
+    assert all(N_A <= i < N_A + N_B for i in why["recommended"])
+    for key in ("self_attention", "tag_attention", "cross_attention"):
+        assert len(why[key]) == len(history) and sum(why[key]) == pytest.approx(1.0, abs=1e-4), key
+    assert len(why["tag_weights"]) == len(history)
+    assert m.training is False
+
+
+def write_features(root, name: str, arrays: dict[str, np.ndarray]) -> None:
+    out = root / "data" / "features" / name
+    out.mkdir(parents=True, exist_ok=True)
+    for key, value in arrays.items():
+        np.save(out / f"{key}.npy", value, allow_pickle=False)
+    (out / "meta.json").write_text(json.dumps({"dataset": name, "seed": int(arrays["text"][0, 0] * 1000)}))
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("model_params: {tema: {dim: 16}, sasrec-text: {dim: 16}, sasrec: {dim: 16}}\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["tema", "sasrec-text"])
+def test_learns_and_reloads_from_the_features_stage(repo, name):
+    write_features(repo, "synthetic", bank())
+    params = {"model_params": {name: {"dim": 32, "dropout": 0.0, "lr": 0.01}}}
+    hyper = train_stage.model_params(params, name, "synthetic")
+    meta = (repo / "data" / "features" / "synthetic" / "meta.json").read_bytes()
+    assert hyper["features"] == "synthetic" and hyper["features_id"] == features_identity(meta)
+    ds = synthetic()
+    result = train_run(ds, name, hyper, cfg(max_epochs=12, patience=12), 1, repo / "run", "d")
+    assert result["best_valid_score"] > 0.5
+    state = torch.load(repo / "run" / "model.pt", weights_only=True)
+    assert not any(k.endswith(("text", "tag_vectors", "item_tags")) for k in state)  # frozen arrays stay in data/features
+    loaded = load_run(ds, name, hyper, cfg(), repo / "run")
+    with torch.no_grad():
+        assert loaded.score([[1, 2, 3]], "B").shape == (1, N_B)
+
+    write_features(repo, "synthetic", bank(seed=5))  # new features: the stored run no longer matches them
+    with pytest.raises(ValueError, match="features changed"):
+        load_run(ds, name, hyper, cfg(), repo / "run")
+    assert train_stage.model_params(params, name, "synthetic")["features_id"] != hyper["features_id"]
+
+
+def test_models_without_features_are_unchanged_and_missing_features_are_named(repo):
+    assert train_stage.model_params({"model_params": {"sasrec": {"dim": 16}}}, "sasrec", "synthetic") == {"dim": 16}
+    with pytest.raises(FileNotFoundError, match="features@synthetic"):
+        train_stage.model_params({"model_params": {"tema": {}}}, "tema", "synthetic")
+    with pytest.raises(ValueError, match="features"):
+        build("tema", SPACE, {}, 10)
+
+
+def test_sampled_and_full_losses_are_finite_and_differ_by_ablation():
+    ds = synthetic()
+    train = ds.split("train")
+    seqs = [list(h) + [t] for h, t in zip(train["history"][:16], train["target"][:16])]
+    inputs = torch.tensor([[i + 1 for i in s[:-1]] for s in seqs])
+    targets = torch.tensor([[i + 1 for i in s[1:]] for s in seqs])
+    losses = {}
+    for name in ("tema", "tema-no-tags"):
+        m = model(name).train()
+        torch.manual_seed(1)
+        losses[name] = m.training_loss(inputs, targets, "full", 0)
+        assert torch.isfinite(m.training_loss(inputs, targets, "sampled", 8))
+        losses[name].backward()
+        assert all(p.grad is not None for n, p in m.named_parameters() if n.startswith("items.ids"))
+    assert losses["tema"].item() != pytest.approx(losses["tema-no-tags"].item())
+    assert isinstance(pd.__version__, str)
+
+
+def test_without_images_the_visual_switch_changes_nothing():
+    with torch.no_grad():
+        assert torch.equal(model("tema").score([[1, 2, N_A + 1]], "B"), model("tema-no-visual").score([[1, 2, N_A + 1]], "B"))
+    images = {**bank(), "visual": np.random.default_rng(2).normal(size=(N_A + N_B, 4)).astype(np.float32),
+              "visual_mask": (np.arange(N_A + N_B) % 2).astype(np.uint8)}
+    with_images = model(features=images)
+    assert with_images.items.use_visual and not model("tema-no-visual", features=images).items.use_visual
+    with torch.no_grad():
+        e = with_images.items(torch.tensor([1, 2]))  # item 0 has no image (mask 0), item 1 has one
+        no_vis = with_images.items.ids.weight[[1, 2]] + with_images.items.p_text(with_images.items.text[[1, 2]]) + with_images.items.tag_fusion(torch.tensor([1, 2]))
+    assert torch.allclose(e[0], no_vis[0], atol=1e-6) and not torch.allclose(e[1], no_vis[1], atol=1e-3)
