@@ -128,6 +128,7 @@ def test_explanations_cover_the_history():
         assert len(why[key]) == len(history) and sum(why[key]) == pytest.approx(1.0, abs=1e-4), key
     assert len(why["tag_weights"]) == len(history)
     assert m.training is False
+    assert m.explain([], "A")["history"] == [] and len(m.explain([], "A")["recommended"]) == 5
 
 
 def write_features(root, name: str, arrays: dict[str, np.ndarray]) -> None:
@@ -163,9 +164,10 @@ def test_learns_and_reloads_from_the_features_stage(repo, name):
         assert loaded.score([[1, 2, 3]], "B").shape == (1, N_B)
 
     write_features(repo, "synthetic", bank(seed=5))  # new features: the stored run no longer matches them
+    new_hyper = train_stage.model_params(params, name, "synthetic")  # what the evaluate stage would pass now
+    assert new_hyper["features_id"] != hyper["features_id"]
     with pytest.raises(ValueError, match="features changed"):
-        load_run(ds, name, hyper, cfg(), repo / "run")
-    assert train_stage.model_params(params, name, "synthetic")["features_id"] != hyper["features_id"]
+        load_run(ds, name, new_hyper, cfg(), repo / "run")
 
 
 def test_models_without_features_are_unchanged_and_missing_features_are_named(repo):

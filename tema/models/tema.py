@@ -30,7 +30,10 @@ representation retrains both (tema.training fingerprints a model's own module).
 
 The frozen arrays come from the features stage: tema.train.model_params passes the dataset whose
 features to read (`features`) and their identity (`features_id`, part of the run's fingerprint, so new
-features retrain the model, and a checkpoint is never evaluated against other features than its own).
+features retrain the model). The checkpoint records that identity too, and loading it into a model built
+on other features is an error. Known gap: TEMA uses sasrec.py's Block and mask, and the run fingerprint
+hashes a model's own module only, so an edit to sasrec.py re-runs the train stage (dvc tracks tema/models)
+but reuses TEMA's finished runs.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ DEVIATIONS = [
     "run yet has no tags: TEMA then runs without them (the features' meta.json and this report say so).",
     "Next-item losses use an in-domain sampled softmax (uniform negatives, so the logQ correction is a constant that "
     "cancels), like every model here; train.loss: full gives the full softmax.",
-    "Width 64, one block per stream, Adam 1e-3, early stopping on validation MRR: the same budget as the baselines "
+    "Width 64, two blocks per stream, Adam 1e-3, early stopping on validation MRR: the settings and budget of the baselines "
     "rather than a tuned paper-scale configuration.",
 ]
 
@@ -73,25 +76,34 @@ def features_identity(meta_bytes: bytes) -> str:
     return hashlib.sha256(meta_bytes).hexdigest()[:16]
 
 
-def read_features(features: str | dict[str, Any], features_id: str | None) -> dict[str, Any]:
-    """The feature arrays: a dict of arrays as given, or the features stage's output of dataset `features`.
-
-    A stored run names the features it was trained on; other features (re-encoded, new tags) are an error
-    rather than a silently different model.
-    """
+def read_features(features: str | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(arrays, identity): a dict of arrays as given (identity ""), or the features stage's output of dataset
+    `features` with the identity of its meta.json."""
     if isinstance(features, dict):
-        return features
+        return features, ""
     from tema import config
     from tema import features as feature_stage
 
     bank = feature_stage.load(features)
-    found = features_identity((config.dataset_dir("features", features) / "meta.json").read_bytes())
-    if features_id is not None and found != features_id:
-        raise ValueError(
-            f"data/features/{features}: features changed (identity {found}, the model expects {features_id}); "
-            "re-run the train stage"
-        )
-    return bank
+    return bank, features_identity((config.dataset_dir("features", features) / "meta.json").read_bytes())
+
+
+class ReadsFeatures:
+    """Mixin: the checkpoint records the identity of the features it was trained on (a persistent buffer), and
+    loading it into a model built on other features is an error, not a silently different model."""
+
+    def remember_features(self, identity: str) -> None:
+        self.register_buffer("features_key", torch.tensor(list(identity.ljust(16).encode()[:16]), dtype=torch.uint8))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        stored = state_dict.get(prefix + "features_key")
+        if stored is not None and not torch.equal(stored, self.features_key):
+            found, expected = bytes(self.features_key.tolist()).decode().strip(), bytes(stored.tolist()).decode().strip()
+            raise ValueError(
+                f"features changed: the checkpoint was trained on features {expected or '(given arrays)'}, "
+                f"data/features now holds {found or '(given arrays)'}; re-run the train stage"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _padded(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -145,7 +157,8 @@ class ItemRepresentation(nn.Module):
             if self.tag_mode == "weighted":
                 self.w_tag = nn.Linear(width, dim)
                 self.a_tag = nn.Linear(dim, 1, bias=False)
-                self.b_rank = nn.Parameter(torch.ones(()))  # starts at the prior 1/rank
+                nn.init.zeros_(self.a_tag.weight)  # with b = 1, the fusion starts at the rank prior: alpha ~ 1/rank
+                self.b_rank = nn.Parameter(torch.ones(()))
 
     @staticmethod
     def _check_rows(tensor: torch.Tensor, n_items: int, name: str) -> None:
@@ -201,22 +214,24 @@ def gather_rows(seqs: torch.Tensor, fn) -> torch.Tensor:
 
 def sampled_loss(
     hidden: torch.Tensor, targets: torch.Tensor, items: ItemRepresentation, ranges: list[tuple[int, int]],
-    loss: str, n_negatives: int,
+    loss: str, n_negatives: int, weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean next-item cross-entropy of hidden [N, dim] for targets [N] (model indices) against their domain.
+    """Summed (weighted) next-item cross-entropy of hidden [N, dim] for targets [N] (model indices) against
+    the items of each target's domain.
 
-    Only the rows a batch needs are represented: the targets and, for "sampled", n_negatives items drawn
-    uniformly from each domain (shared by the batch, accidental hits masked); "full" scores every item.
+    Only the rows a batch needs are represented, once: the targets and, for "sampled", n_negatives items
+    drawn uniformly from each domain (shared by the batch, accidental hits masked); "full" scores every item.
     """
     total = hidden.new_zeros(())
+    weights = torch.ones(len(targets), device=hidden.device) if weights is None else weights
     for start, stop in ranges:
         in_domain = (targets > start) & (targets <= stop)
         if not in_domain.any():
             continue
-        h, t = hidden[in_domain], targets[in_domain]
+        h, t, w = hidden[in_domain], targets[in_domain], weights[in_domain]
         if loss == "full":
             table = items(torch.arange(start + 1, stop + 1, device=h.device))
-            total = total + F.cross_entropy(h @ table.T, t - 1 - start, reduction="sum")
+            total = total + (w * F.cross_entropy(h @ table.T, t - 1 - start, reduction="none")).sum()
             continue
         neg = torch.randint(start + 1, stop + 1, (n_negatives,), device=h.device)
         rows, where = torch.unique(torch.cat([t, neg]), return_inverse=True)
@@ -224,8 +239,9 @@ def sampled_loss(
         target_reps, neg_reps = reps[where[: len(t)]], reps[where[len(t) :]]
         positive = (h * target_reps).sum(-1, keepdim=True)
         negative = (h @ neg_reps.T).masked_fill(neg.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
-        total = total + F.cross_entropy(torch.cat([positive, negative], 1), torch.zeros_like(t), reduction="sum")
-    return total / max(1, len(targets))
+        ce = F.cross_entropy(torch.cat([positive, negative], 1), torch.zeros_like(t), reduction="none")
+        total = total + (w * ce).sum()
+    return total
 
 
 class CrossAttention(nn.Module):
@@ -284,7 +300,7 @@ class Stream(nn.Module):
         return h
 
 
-class TEMAModel(SequenceRecommender):
+class TEMAModel(ReadsFeatures, SequenceRecommender):
     """The model; registered as "tema" and, with one switch fixed, as each ablation (see ABLATIONS)."""
 
     def __init__(
@@ -293,6 +309,7 @@ class TEMAModel(SequenceRecommender):
         visual: bool = True, aux_weight: float = 0.5, features: str | dict[str, Any] | None = None,
         features_id: str | None = None,
     ):
+        # features_id is not read here: it carries the features' identity into the run's fingerprint.
         super().__init__(space, max_len)
         given = {"tags": tags, "tag_attention": tag_attention, "cross_attention": cross_attention, "text": text, "visual": visual}
         if features is None:
@@ -303,7 +320,8 @@ class TEMAModel(SequenceRecommender):
         self.domains = sorted(space.domain_ranges)
         self.ranges = [space.domain_ranges[d] for d in self.domains]
         self.aux_weight = aux_weight
-        bank = read_features(features, features_id)
+        bank, identity = read_features(features)
+        self.remember_features(identity)
         self.items = ItemRepresentation(space.n_items, dim, bank, given["text"], given["visual"], given["tags"])
         tag_attention = given["tag_attention"] and self.items.has_tags
         self.streams_ = nn.ModuleList(Stream(dim, blocks, heads, dropout, max_len, tag_attention) for _ in range(3))  # S, A, B
@@ -334,20 +352,21 @@ class TEMAModel(SequenceRecommender):
         return out[0], out[1], out[2]
 
     def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str, n_negatives: int) -> torch.Tensor:
+        """Per step with a target in domain k: CE(H^S + H^k) + aux_weight (CE(H^S) + CE(H^k)), one set of
+        negatives per domain for the three terms; the mean over the batch's targets."""
         merged, ha, hb = self.streams(inputs)
-        total = inputs.new_zeros((), dtype=merged.dtype)
+        total = merged.new_zeros(())
         for k, h_dom in enumerate((ha, hb)):
             at = self.in_domain(k, targets)
             if not at.any():
                 continue
-            t = targets[at]
-            fused = merged[at] + h_dom[at]
-            domain_range = [self.ranges[k]]
-            total = total + sampled_loss(fused, t, self.items, domain_range, loss, n_negatives) * len(t)
+            t, hs, hd = targets[at], merged[at], h_dom[at]
             if self.aux_weight:
-                aux = sampled_loss(merged[at], t, self.items, domain_range, loss, n_negatives)
-                aux = aux + sampled_loss(h_dom[at], t, self.items, domain_range, loss, n_negatives)
-                total = total + self.aux_weight * aux * len(t)
+                hidden, goal = torch.cat([hs + hd, hs, hd]), t.repeat(3)
+                weights = torch.cat([torch.ones_like(t, dtype=hs.dtype), torch.full((2 * len(t),), self.aux_weight, device=hs.device)])
+            else:
+                hidden, goal, weights = hs + hd, t, None
+            total = total + sampled_loss(hidden, goal, self.items, [self.ranges[k]], loss, n_negatives, weights)
         return total / max(1, int((targets > 0).sum()))
 
     def user_vectors(self, seqs: torch.Tensor, k: int) -> torch.Tensor:
@@ -391,6 +410,9 @@ class TEMAModel(SequenceRecommender):
             self.train(was_training)
         n = len(window)
         start = self.ranges[k][0]
+        if n == 0:
+            return {"history": [], "recommended": [start + int(i) for i in torch.topk(scores, min(top, len(scores))).indices],
+                    "self_attention": [], "tag_attention": [], "cross_attention": [], "tag_weights": []}
         records["history"] = window
         records["recommended"] = [start + int(i) for i in torch.topk(scores, min(top, len(scores))).indices]
         records["self_attention"] = self.streams_[0].last_weights[0, -1, -n:].tolist()
@@ -439,7 +461,7 @@ for _name, _fixed in ABLATIONS.items():
 
 
 @register("sasrec-text")
-class SASRecText(SequenceRecommender):
+class SASRecText(ReadsFeatures, SequenceRecommender):
     """SASRec over item ID + frozen text vectors (no tags, no domain streams): what text alone adds."""
 
     def __init__(
@@ -450,7 +472,9 @@ class SASRecText(SequenceRecommender):
         if features is None:
             raise ValueError("SASRec-text reads the features stage's text vectors: build it through tema.train.model_params")
         self.ranges = [space.domain_ranges[d] for d in sorted(space.domain_ranges)]
-        self.items = ItemRepresentation(space.n_items, dim, read_features(features, features_id), text=True, visual=False, tags="none")
+        bank, identity = read_features(features)
+        self.remember_features(identity)
+        self.items = ItemRepresentation(space.n_items, dim, bank, text=True, visual=False, tags="none")
         self.stream = Stream(dim, blocks, heads, dropout, max_len, tag_attention=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -461,7 +485,7 @@ class SASRecText(SequenceRecommender):
     def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str, n_negatives: int) -> torch.Tensor:
         hidden = self.encode(inputs)
         keep = targets > 0
-        return sampled_loss(hidden[keep], targets[keep], self.items, self.ranges, loss, n_negatives)
+        return sampled_loss(hidden[keep], targets[keep], self.items, self.ranges, loss, n_negatives) / max(1, int(keep.sum()))
 
     def score(self, histories: list[list[int]], domain: str) -> torch.Tensor:
         device = self.items.ids.weight.device
