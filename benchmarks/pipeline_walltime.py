@@ -74,10 +74,10 @@ def from_runs(profile: str) -> None:
     import json
 
     sys.path.insert(0, str(ROOT))
-    from tema import config
+    os.chdir(ROOT)
+    from tema.cli import profile_params
 
-    base = config.load_params(ROOT / "profiles" / "default.yaml")
-    params = base if profile == "default" else config.deep_merge(base, config.load_params(ROOT / "profiles" / f"{profile}.yaml"))
+    params = profile_params(profile)
     total, missing = 0.0, []
     print(f"profile {profile}: training time recorded by finished runs (seconds, 2 CPU cores unless noted)")
     for dataset in params["datasets"]:

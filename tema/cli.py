@@ -15,8 +15,8 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def apply_profile(name: str) -> Path:
-    """Write params.yaml = the embedded defaults (profiles/default.yaml) overlaid with profiles/<name>.yaml."""
+def profile_params(name: str) -> dict:
+    """The parameters of a profile: the embedded defaults (profiles/default.yaml) overlaid with profiles/<name>.yaml."""
     root = config.repo_root()
     base = config.load_params(root / "profiles" / "default.yaml")
     if name != "default":
@@ -25,8 +25,14 @@ def apply_profile(name: str) -> Path:
             known = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
             raise SystemExit(f"unknown profile {name!r}: {path} not found; profiles: {known}")
         base = config.deep_merge(base, config.load_params(path))
+    return base
+
+
+def apply_profile(name: str) -> Path:
+    """Write params.yaml for a profile (see profile_params)."""
+    base = profile_params(name)
     header = f"# Written by `tema profile {name}` from profiles/. Edit profiles/*.yaml, not this file.\n"
-    out = root / "params.yaml"
+    out = config.repo_root() / "params.yaml"
     out.write_text(header + yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
     return out
 
