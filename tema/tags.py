@@ -22,8 +22,11 @@ import csv
 import gzip
 import hashlib
 import json
+import random
 import sys
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,8 +35,8 @@ import numpy as np
 import pandas as pd
 
 from tema import config, data
-from tema.llm import LLMError
-from tema.tagging import PROMPT_VERSION, Item, Settings, TagCache, cache_key, normalize_tag, prompt_hash, tag_items
+from tema.tagging import (ANSWER_ERRORS, PROMPT_VERSION, Item, Settings, TagCache, cache_key, classify_error, is_retryable,
+                          normalize_tag, prompt_hash, tag_items)
 
 REFINE_VERSION = "refine-v1"
 DROPPED = ""  # merge target of a tag the refinement dropped as vague
@@ -157,39 +160,64 @@ def llm_merge_prompt(domain_name: str, tags: list[str]) -> list[dict[str, str]]:
 
 
 def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: str, tags: list[str], chunk: int,
-               settings: Settings, cache: TagCache) -> tuple[dict[str, str], set[str], dict[str, int]]:
+               settings: Settings, cache: TagCache, sleep=time.sleep) -> tuple[dict[str, str], set[str], dict[str, int]]:
     """Ask the LLM, chunk by chunk, which tags are synonyms and which are vague; answers are validated.
 
+    Chunks not in the cache go out `settings.concurrency` at a time (the server's parallel slots);
+    transport faults (timeouts, refused connections, 429/5xx) are retried with backoff, and an unusable
+    answer leaves its chunk unmerged, recorded as failed and asked again on the next run. Answers are
+    applied in chunk order, so the result does not depend on which request finished first.
     Suggestions naming tags outside the chunk, or chains of merges, are ignored and counted. Each
     chunk's answer is cached like pass-1 answers, so a re-run needs no LLM.
     """
-    merges: dict[str, str] = {}
-    drops: set[str] = set()
-    counts = {"chunks": 0, "failed_chunks": 0, "merges": 0, "drops": 0, "ignored": 0}
-    for lo in range(0, len(tags), chunk):
-        part = tags[lo: lo + chunk]
-        allowed = set(part)
-        counts["chunks"] += 1
+    parts = [tags[lo: lo + chunk] for lo in range(0, len(tags), chunk)]
+    keyed = []
+    for part in parts:
         messages = llm_merge_prompt(domain_name, part)
         key = hashlib.sha256(json.dumps([REFINE_VERSION, model, model_sha256, messages, settings.seed]).encode()).hexdigest()[:24]
+        keyed.append((part, messages, key))
+    # the client is made once, before any thread, and only if some chunk is not cached yet
+    client = get_client() if any(cache.get(key) is None for _, _, key in keyed) else None
+
+    def answer(part: list[str], messages: list[dict[str, str]], key: str) -> dict[str, Any] | None:
         hit = cache.get(key)
-        if hit is None:
+        if hit is not None:
+            return hit
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                response = get_client().chat.completions.create(
+                response = client.chat.completions.create(
                     model=model, messages=messages, temperature=0.0, max_tokens=min(1024, 12 * len(part)),
                     response_format={"type": "json_object"}, seed=settings.seed,
                 )
-                answer = json.loads(response.choices[0].message.content or "{}")
-                if not isinstance(answer, dict):
+                choice = response.choices[0] if response.choices else None
+                if choice is None or choice.finish_reason == "length":
+                    raise ValueError("truncated" if choice else "no choices")
+                value = json.loads(choice.message.content or "{}")
+                if not isinstance(value, dict):
                     raise ValueError("not a JSON object")
-            except LLMError:
-                raise  # no endpoint at all: the stage fails rather than silently skipping refinement
-            except Exception as err:  # noqa: BLE001  (a bad answer keeps the chunk unmerged; retried on the next run)
-                cache.put({"key": key, "status": "failed", "reason": type(err).__name__, "domain": domain_name})
-                counts["failed_chunks"] += 1
-                continue
-            hit = {"key": key, "status": "ok", "domain": domain_name, "answer": answer}
+            except Exception as err:  # noqa: BLE001  (classified: transport faults retried, bad answers recorded)
+                reason = classify_error(err)
+                if reason not in ANSWER_ERRORS and is_retryable(reason) and attempt <= settings.max_retries:
+                    sleep(settings.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+                    continue
+                cache.put({"key": key, "status": "failed", "reason": reason, "domain": domain_name})
+                return None
+            hit = {"key": key, "status": "ok", "domain": domain_name, "answer": value}
             cache.put(hit)
+            return hit
+
+    merges: dict[str, str] = {}
+    drops: set[str] = set()
+    counts = {"chunks": len(parts), "failed_chunks": 0, "merges": 0, "drops": 0, "ignored": 0}
+    with ThreadPoolExecutor(max_workers=max(1, settings.concurrency)) as pool:
+        hits = list(pool.map(lambda k: answer(*k), keyed))
+    for (part, _, _), hit in zip(keyed, hits):
+        if hit is None:
+            counts["failed_chunks"] += 1
+            continue
+        allowed = set(part)
         merge, drop = hit["answer"].get("merge", {}), hit["answer"].get("drop", [])
         for src, dst in (merge.items() if isinstance(merge, dict) else []):
             src, dst = normalize_tag(str(src)), normalize_tag(str(dst))
@@ -397,14 +425,13 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
         items = items_to_tag(dataset, limit)
         with llm.LazyEndpoint(params, settings.timeout_s) as ep:
             pass1, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, settings, TagCache(caches / "pass1.jsonl"))
-            llm_step = None
-            if refine.get("llm_merge", False):
-                refine_cache = TagCache(caches / "refine.jsonl")
+            refine_cache = TagCache(caches / "refine.jsonl")
 
-                def llm_step(domain, tags):
-                    return llm_refine(ep.client, ep.model, ep.model_sha256, dataset.domain_names[domain], tags,
-                                      refine["llm_chunk"], settings, refine_cache)
-            vocab, merges, refine_report = refine_vocabulary(pass1, domain_of, refine, encode, llm_step)
+            def llm_step(domain, tags):
+                return llm_refine(ep.client, ep.model, ep.model_sha256, dataset.domain_names[domain], tags,
+                                  refine["llm_chunk"], settings, refine_cache)
+            vocab, merges, refine_report = refine_vocabulary(pass1, domain_of, refine, encode,
+                                                             llm_step if refine.get("llm_merge", False) else None)
             provenance = {"source": "llm", "endpoint_model": ep.model, "model_sha256": ep.model_sha256,
                           "endpoint": "embedded" if ep.model_sha256 else "OPENAI_BASE_URL",
                           "prompts": prompt_provenance(dataset, settings), "settings": settings.cache_part()}

@@ -67,6 +67,66 @@ def test_refinement_merges_drops_and_maps():
     assert counts["dropped"] >= 3 and counts["merged"] >= 1
 
 
+class FakeMergeClient:
+    """An OpenAI-like client for the refinement prompt: merges each chunk's second tag into its first,
+    answers out of order (random delays), and scripts a fault per chunk by its first tag."""
+
+    def __init__(self, faults: dict[str, list[str]]):
+        import threading
+        from types import SimpleNamespace
+
+        self.faults, self.calls, self.lock, self.ns = faults, [], threading.Lock(), SimpleNamespace
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, model, messages, **kwargs):
+        import random
+        import time
+
+        import httpx
+        import openai
+
+        listed = [line[2:] for line in messages[-1]["content"].splitlines() if line.startswith("- ")]
+        with self.lock:
+            self.calls.append(listed[0])
+            fault = self.faults.get(listed[0], []).pop(0) if self.faults.get(listed[0]) else "ok"
+        time.sleep(random.random() * 0.02)
+        if fault == "http_503":
+            request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+            raise openai.APIStatusError("busy", response=httpx.Response(503, request=request), body=None)
+        content = '{"merge": {' if fault == "malformed" else json.dumps({"merge": {listed[1]: listed[0]}, "drop": []})
+        choice = self.ns(message=self.ns(content=content), finish_reason="stop")
+        return self.ns(choices=[choice], usage=None)
+
+
+def test_llm_refinement_is_concurrent_retried_ordered_and_cached(tmp_path):
+    from tema.tagging import Settings
+
+    vocabulary = [f"tag {i:02d}" for i in range(40)]  # 10 chunks of 4
+    serial = FakeMergeClient({})
+    expected = tags.llm_refine(lambda: serial, "m", None, "Food", vocabulary, 4, Settings(concurrency=1),
+                               TagCache(tmp_path / "serial.jsonl"))
+    assert expected[0] == {f"tag {i + 1:02d}": f"tag {i:02d}" for i in range(0, 40, 4)}
+
+    faults = {"tag 08": ["http_503", "http_503"], "tag 16": ["malformed"]}
+    client = FakeMergeClient(faults)
+    settings = Settings(concurrency=4, max_retries=4, backoff_s=0.0)
+    merges, drops, counts = tags.llm_refine(lambda: client, "m", None, "Food", vocabulary, 4, settings,
+                                            TagCache(tmp_path / "refine.jsonl"))
+    assert client.calls.count("tag 08") == 3  # two transient 503s, then the answer
+    assert counts["chunks"] == 10 and counts["failed_chunks"] == 1 and "tag 17" not in merges  # the bad answer's chunk
+    assert merges == {k: v for k, v in expected[0].items() if k != "tag 17"}
+
+    def no_client():
+        raise AssertionError("every chunk is cached: no client may be made")
+
+    # the failed chunk is asked again on the next run, the others come from the cache
+    again = FakeMergeClient({})
+    merges2, _, counts2 = tags.llm_refine(lambda: again, "m", None, "Food", vocabulary, 4, settings,
+                                          TagCache(tmp_path / "refine.jsonl"))
+    assert again.calls == ["tag 16"] and merges2 == expected[0] and counts2["failed_chunks"] == 0
+    assert tags.llm_refine(no_client, "m", None, "Food", vocabulary, 4, settings, TagCache(tmp_path / "refine.jsonl"))[0] == expected[0]
+
+
 def test_external_tags_are_read_and_bad_rows_counted(tmp_path):
     path = tmp_path / "ext.tsv"
     path.write_text('item_id\ttags_json\n0\t["Arts", "Crafts"]\n1\tnot json\n2\t[]\n')
