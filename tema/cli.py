@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     gen = tags_sub.add_parser("generate", help="fill the pass-1 answer cache of a dataset (resumable; Ctrl-C safe)")
     gen.add_argument("dataset")
     gen.add_argument("--limit", type=int, default=None, help="only the first N items of each domain")
+    tune = sub.add_parser("tune", help="hyper-parameter search on validation, the same budget for every model (tema.tune)")
+    tune.add_argument("dataset")
+    tune.add_argument("--models", nargs="+", default=None, help="default: the models of params.yaml")
+    tune.add_argument("--trials", type=int, default=None, help="trials per model (default: tune.trials)")
     args = parser.parse_args(argv)
     if args.command == "run-notebook":
         from tema.notebook import execute
@@ -79,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         execute(args.notebook, args.output, {k: parse_value(v) for k, v in args.parameter})
     elif args.command == "profile":
         print(f"wrote {apply_profile(args.name)}")
+    elif args.command == "tune":
+        from tema.tune import run as tune_run
+
+        table = tune_run(args.dataset, config.load_params(), args.models, args.trials)
+        print(table.drop(columns=["params"]).to_string(index=False))
+        print(f"wrote reports/{args.dataset}/tuning.csv and reports/{args.dataset}/tuned-params.yaml")
     elif args.command == "tags":
         import json
 

@@ -76,3 +76,24 @@ def test_second_repro_does_nothing_and_forced_repro_is_byte_identical(smoke_repo
     assert sorted(after) == sorted(before)
     changed = [p for p in before if before[p] != after[p]]
     assert not changed, f"reports differ after re-running on the same inputs: {changed}"
+
+
+@pytest.mark.slow
+def test_tune_command_writes_a_profile_fragment_the_profiles_accept(smoke_repo):
+    out = sh("tema", "tune", "food-kitchen", "--models", "popularity", "sasrec-text", "--trials", "2", cwd=smoke_repo)
+    assert "tuned-params.yaml" in out
+    import pandas as pd
+    import yaml
+
+    table = pd.read_csv(smoke_repo / "reports/food-kitchen/tuning.csv")
+    assert list(table["model"]) == ["popularity", "sasrec-text", "sasrec-text"] and table["valid_MRR"].between(0, 1).all()
+    fragment = yaml.safe_load((smoke_repo / "reports/food-kitchen/tuned-params.yaml").read_text())
+    best = table[table["model"] == "sasrec-text"].sort_values(["valid_MRR", "trial"], ascending=[False, True]).iloc[0]
+    assert fragment["model_params"]["sasrec-text"] == json.loads(best["params"])
+    assert "features_id" not in fragment["model_params"]["sasrec-text"]  # per-dataset identity, not a setting
+    (smoke_repo / "profiles/tuned.yaml").write_text((smoke_repo / "reports/food-kitchen/tuned-params.yaml").read_text())
+    sh("tema", "profile", "tuned", cwd=smoke_repo)
+    params = yaml.safe_load((smoke_repo / "params.yaml").read_text())
+    assert params["model_params"]["sasrec-text"] == fragment["model_params"]["sasrec-text"]
+    sh("tema", "profile", "smoke", cwd=smoke_repo)
+    (smoke_repo / "profiles/tuned.yaml").unlink()

@@ -1,0 +1,146 @@
+"""Hyper-parameter search on the validation split, with the same budget for every model (`tema tune`).
+
+For the claim "TEMA beats strong baselines" to be honest, the baselines get the same tuning as TEMA:
+
+- every model gets `tune.trials` trials; trial 0 is its configuration in params.yaml, the others are
+  drawn without replacement, with the fixed seed `tune.seed`, from the grid of `tune.space` (only the
+  keys the model's configuration already has: learning rate, dropout, ...) and `tune.model_space.<model>`
+  (its own knobs, such as TEMA's aux_weight or C2DSR's lambda);
+- every trial is one training run of tema.training.train_run with the study's `train` settings (the same
+  epoch limit, patience and early stopping) and the seed `tune.seed`; it is scored by the validation MRR
+  of its selected epoch. The test split is never read;
+- runs land in data/tuning/<dataset>/<model>/trial<k>/ and are reused on a re-run like the train stage's
+  (fingerprinted), so an interrupted search resumes.
+
+Outputs: reports/<dataset>/tuning.csv (one row per trial: the tuned values, validation MRR, epochs,
+seconds) and reports/<dataset>/tuned-params.yaml, a profile fragment with each model's best trial. To
+report test numbers for the tuned models, copy it into profiles/ (for example profiles/tuned.yaml), run
+`tema profile tuned && dvc repro`: three seeds, test split, significance tests, as for any profile.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from tema import config, data
+from tema.train import model_params
+from tema.training import TrainConfig, data_fingerprint, train_run
+
+MAX_GRID = 100_000
+FEATURE_KEYS = ("features", "features_id")  # added per dataset by tema.train.model_params, not tuned
+
+
+def accepted_keys(model: str) -> set[str]:
+    from tema.models import MODELS
+    from tema.models.registry import TRAINING_KEYS
+
+    if model not in MODELS:
+        raise config.ParamsError(f"params.yaml: unknown model {model!r}; registered: {sorted(MODELS)}")
+    return set(inspect.signature(MODELS[model].__init__).parameters) - {"self", "space", "max_len"} | TRAINING_KEYS
+
+
+def model_defaults(model: str) -> dict[str, Any]:
+    """The values a model uses for keys its params leave out (constructor defaults, and the training loop's)."""
+    from tema.models import MODELS
+
+    signature = inspect.signature(MODELS[model].__init__).parameters
+    found = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
+    return {"lr": 1e-3, "weight_decay": 0.0, **found}  # as tema.training.train_run reads them
+
+
+def search_space(params: dict[str, Any], model: str, base: dict[str, Any]) -> dict[str, list]:
+    """The grid of one model: the shared keys its configuration has, plus its own keys."""
+    shared = config.get(params, "tune.space", dict)
+    own = (config.get(params, "tune.model_space", (dict, type(None))) or {}).get(model) or {}
+    if not isinstance(own, dict):
+        raise config.ParamsError(f"params.yaml: 'tune.model_space.{model}' must be a mapping of key: [values], got {own!r}")
+    accepted = accepted_keys(model)
+    for key in own:
+        if key not in accepted:
+            raise config.ParamsError(f"params.yaml: 'tune.model_space.{model}.{key}' is not a parameter of {model}; "
+                                     f"expected one of {sorted(accepted)}")
+    space = {k: v for k, v in shared.items() if k in base}
+    space.update(own)
+    for key, values in space.items():
+        where = f"tune.model_space.{model}.{key}" if key in own else f"tune.space.{key}"
+        if not isinstance(values, list) or not values:
+            raise config.ParamsError(f"params.yaml: '{where}' must be a non-empty list of values, got {values!r}")
+    return dict(sorted(space.items()))
+
+
+def trial_configs(params: dict[str, Any], model: str, base: dict[str, Any], trials: int, seed: int) -> list[dict[str, Any]]:
+    """Trial 0 = base; then up to trials-1 distinct grid points, drawn with `seed` (the same draw on every machine)."""
+    if trials < 1:
+        raise config.ParamsError(f"params.yaml: 'tune.trials' must be >= 1, got {trials}")
+    space = search_space(params, model, base)
+    size = int(np.prod([len(v) for v in space.values()])) if space else 0
+    if size > MAX_GRID:
+        raise config.ParamsError(f"params.yaml: the tuning grid of {model} has {size} points (more than {MAX_GRID}); "
+                                 "shorten the lists in 'tune.space' / 'tune.model_space'")
+    configs = [dict(base)]
+    if space:
+        defaults = {k: v for k, v in model_defaults(model).items() if k in space}
+        seen = [{**defaults, **base}]  # what each trial runs with: a grid point equal to it is no new trial
+        grid = [dict(zip(space, values)) for values in itertools.product(*space.values())]
+        for index in np.random.default_rng(seed).permutation(len(grid)):
+            if len(configs) >= trials:
+                break
+            candidate = {**base, **grid[index]}
+            if {**defaults, **candidate} not in seen:
+                configs.append(candidate)
+                seen.append({**defaults, **candidate})
+    return configs
+
+
+def tune_model(dataset: data.Dataset, model: str, configs: list[dict[str, Any]], cfg: TrainConfig, seed: int,
+               out_dir: Path, data_hash: str) -> pd.DataFrame:
+    """Train every trial of one model (reusing finished ones); one row per trial, scored on validation."""
+    tuned = sorted({k for c in configs for k in c if k not in FEATURE_KEYS and any(c.get(k) != o.get(k) for o in configs)})
+    rows = []
+    for trial, hyper in enumerate(configs):
+        result = train_run(dataset, model, hyper, cfg, seed, out_dir / model / f"trial{trial}", data_hash)
+        rows.append({
+            "model": model, "trial": trial, "tuned": json.dumps({k: hyper.get(k) for k in tuned}, sort_keys=True),
+            "valid_MRR": result["best_valid_score"], "best_epoch": result["best_epoch"],
+            "epochs_run": result["epochs_run"], "train_seconds": round(result["train_seconds"], 1),
+            "params": json.dumps({k: v for k, v in hyper.items() if k not in FEATURE_KEYS}, sort_keys=True),
+        })
+    table = pd.DataFrame(rows)
+    table["best"] = table["valid_MRR"] == table["valid_MRR"].max()  # ties: every tied trial is marked
+    return table
+
+
+def best_params(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Each model's best trial (the lowest-numbered one on a tie, so the params.yaml config wins ties)."""
+    best = table.sort_values(["model", "valid_MRR", "trial"], ascending=[True, False, True]).groupby("model").head(1)
+    return {row.model: json.loads(row.params) for row in best.itertuples(index=False)}
+
+
+def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = None, trials: int | None = None) -> pd.DataFrame:
+    """The search for `models` (default: params' models) on one dataset; writes the tuning reports."""
+    cfg = TrainConfig.from_params(params)
+    models = models or config.get(params, "models", list)
+    trials = trials if trials is not None else config.get(params, "tune.trials", int)
+    seed = config.get(params, "tune.seed", int)
+    prepared = config.dataset_dir("prepared", dataset_name)
+    dataset = data.load(dataset_name, prepared)
+    data_hash = data_fingerprint(prepared)
+    plans = {m: trial_configs(params, m, model_params(params, m, dataset_name), trials, seed) for m in models}  # all errors first
+    out_dir = config.dataset_dir("tuning", dataset_name)
+    table = pd.concat([tune_model(dataset, m, plans[m], cfg, seed, out_dir, data_hash) for m in models], ignore_index=True)
+    reports = config.repo_root() / "reports" / dataset_name
+    reports.mkdir(parents=True, exist_ok=True)
+    table.to_csv(reports / "tuning.csv", index=False, float_format="%.6f")
+    header = (f"# Best validation trial per model from `tema tune {dataset_name}` ({trials} trials each, seed {seed},\n"
+              f"# the same train settings for every model). Copy into profiles/ to evaluate with every seed.\n")
+    body = yaml.safe_dump({"model_params": best_params(table)}, sort_keys=False)
+    (reports / "tuned-params.yaml").write_text(header + body, encoding="utf-8")
+    return table

@@ -1,0 +1,79 @@
+"""`tema tune`: the same budget for every model, selection on validation only, resumable, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tema import config, tune
+from test_training import cfg, synthetic
+
+PARAMS = {
+    "tune": {
+        "trials": 4, "seed": 1,
+        "space": {"lr": [0.001, 0.01], "dropout": [0.0, 0.2], "aux_weight": [0.5]},
+        "model_space": {"gru4rec": {"layers": [1, 2]}},
+    },
+}
+
+
+def test_trials_start_from_the_configured_model_and_draw_only_its_keys():
+    base = {"dim": 16, "dropout": 0.2, "lr": 0.001}
+    configs = tune.trial_configs(PARAMS, "gru4rec", base, 4, seed=1)
+    assert configs[0] == base and len(configs) == 4
+    assert len({json.dumps(c, sort_keys=True) for c in configs}) == 4  # distinct
+    assert all(set(c) <= {"dim", "dropout", "lr", "layers"} for c in configs)  # no aux_weight: gru4rec has none
+    assert all(c["dim"] == 16 for c in configs)  # untuned keys stay as configured
+    assert tune.trial_configs(PARAMS, "gru4rec", base, 4, seed=1) == configs  # the same draw every time
+    # the grid has 2 x 2 x 2 = 8 points; asking for more gives the base plus the other 7
+    assert len(tune.trial_configs(PARAMS, "gru4rec", base, 50, seed=1)) == 8
+    # a model without tunable keys gets its one configuration: the same budget, nothing to spend it on
+    assert tune.trial_configs(PARAMS, "popularity", {}, 4, seed=1) == [{}]
+
+
+def test_bad_tuning_params_name_the_parameter():
+    bad = {"tune": {**PARAMS["tune"], "model_space": {"gru4rec": {"heads": [1, 2]}}}}
+    with pytest.raises(config.ParamsError, match=r"tune\.model_space\.gru4rec\.heads' is not a parameter of gru4rec"):
+        tune.trial_configs(bad, "gru4rec", {"dim": 16}, 3, seed=1)
+    empty = {"tune": {**PARAMS["tune"], "space": {"lr": []}}}
+    with pytest.raises(config.ParamsError, match=r"tune\.space\.lr' must be a non-empty list"):
+        tune.trial_configs(empty, "gru4rec", {"lr": 0.001}, 3, seed=1)
+    with pytest.raises(config.ParamsError, match=r"tune\.trials' must be >= 1"):
+        tune.trial_configs(PARAMS, "gru4rec", {}, 0, seed=1)
+
+
+def test_search_selects_on_validation_never_reads_test_and_resumes(tmp_path, capsys):
+    ds = synthetic(test_target=10**9)  # a test target no model could score: reading the test split would fail
+    configs = [{"dim": 16, "dropout": 0.0, "lr": lr} for lr in (0.0001, 0.02)]
+    table = tune.tune_model(ds, "sasrec", configs, cfg(max_epochs=4, patience=4), 1, tmp_path, "d")
+    assert list(table["trial"]) == [0, 1] and json.loads(table["tuned"][0]) == {"lr": 0.0001}
+    for row in table.itertuples():
+        run = json.loads((tmp_path / "sasrec" / f"trial{row.trial}" / "run.json").read_text())
+        assert row.valid_MRR == run["best_valid_score"]  # the score is the run's own validation selection
+    assert table["valid_MRR"][1] > table["valid_MRR"][0]  # a 200x larger step learns the pattern in 4 epochs
+    assert list(table["best"]) == [False, True]
+    assert tune.best_params(table) == {"sasrec": configs[1]}
+    capsys.readouterr()
+    again = tune.tune_model(ds, "sasrec", configs, cfg(max_epochs=4, patience=4), 1, tmp_path, "d")
+    assert capsys.readouterr().err.count("already trained") == 2
+    assert again.drop(columns="train_seconds").equals(table.drop(columns="train_seconds"))
+
+
+def test_ties_go_to_the_configured_trial():
+    import pandas as pd
+
+    table = pd.DataFrame({"model": ["m", "m"], "trial": [0, 1], "valid_MRR": [0.3, 0.3],
+                          "params": [json.dumps({"lr": 1}), json.dumps({"lr": 2})]})
+    assert tune.best_params(table) == {"m": {"lr": 1}}
+
+
+def test_the_default_profile_has_a_valid_search_for_every_model(root):
+    from tema.train import model_params
+
+    params = yaml.safe_load((root / "profiles" / "default.yaml").read_text())
+    for model in params["models"]:
+        base = model_params(params, model)
+        configs = tune.trial_configs(params, model, base, params["tune"]["trials"], params["tune"]["seed"])
+        assert configs[0] == base and len(configs) == (1 if model == "popularity" else params["tune"]["trials"])
