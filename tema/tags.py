@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from tema import config, data
-from tema.tagging import (ANSWER_ERRORS, PROMPT_VERSION, Item, Settings, TagCache, cache_key, classify_error, is_retryable,
+from tema.tagging import (ANSWER_ERRORS, PROMPT_VERSION, AnswerError, Item, Settings, TagCache, cache_key, classify_error, is_retryable,
                           normalize_tag, prompt_hash, tag_items)
 
 REFINE_VERSION = "refine-v1"
@@ -192,11 +192,16 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
                     response_format={"type": "json_object"}, seed=settings.seed,
                 )
                 choice = response.choices[0] if response.choices else None
-                if choice is None or choice.finish_reason == "length":
-                    raise ValueError("truncated" if choice else "no choices")
-                value = json.loads(choice.message.content or "{}")
+                if choice is None or not (choice.message and choice.message.content):
+                    raise AnswerError("empty")
+                if choice.finish_reason == "length":
+                    raise AnswerError("truncated")
+                try:
+                    value = json.loads(choice.message.content)
+                except ValueError as err:
+                    raise AnswerError("malformed_json", str(err)) from err
                 if not isinstance(value, dict):
-                    raise ValueError("not a JSON object")
+                    raise AnswerError("no_tag_list", "not a JSON object")
             except Exception as err:  # noqa: BLE001  (classified: transport faults retried, bad answers recorded)
                 reason = classify_error(err)
                 if reason not in ANSWER_ERRORS and is_retryable(reason) and attempt <= settings.max_retries:
@@ -211,8 +216,11 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
     merges: dict[str, str] = {}
     drops: set[str] = set()
     counts = {"chunks": len(parts), "failed_chunks": 0, "merges": 0, "drops": 0, "ignored": 0}
-    with ThreadPoolExecutor(max_workers=max(1, settings.concurrency)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, settings.concurrency))
+    try:
         hits = list(pool.map(lambda k: answer(*k), keyed))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: finish the requests in flight, drop the rest
     for (part, _, _), hit in zip(keyed, hits):
         if hit is None:
             counts["failed_chunks"] += 1

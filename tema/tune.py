@@ -2,10 +2,11 @@
 
 For the claim "TEMA beats strong baselines" to be honest, the baselines get the same tuning as TEMA:
 
-- every model gets `tune.trials` trials; trial 0 is its configuration in params.yaml, the others are
-  drawn without replacement, with the fixed seed `tune.seed`, from the grid of `tune.space` (only the
-  keys the model's configuration already has: learning rate, dropout, ...) and `tune.model_space.<model>`
-  (its own knobs, such as TEMA's aux_weight or C2DSR's lambda);
+- every model gets up to `tune.trials` trials (fewer only if its grid is smaller); trial 0 is its
+  configuration in params.yaml, the others are drawn without replacement, with the fixed seed
+  `tune.seed`, from the grid of `tune.space` (only the keys the model's configuration already has:
+  learning rate, dropout, ...) and `tune.model_space.<model>` (its own knobs, such as TEMA's aux_weight
+  or C2DSR's lambda); TEMA's ablations are not tuned apart but take TEMA's best settings;
 - every trial is one training run of tema.training.train_run with the study's `train` settings (the same
   epoch limit, patience and early stopping) and the seed `tune.seed`; it is scored by the validation MRR
   of its selected epoch. The test split is never read;
@@ -56,10 +57,18 @@ def model_defaults(model: str) -> dict[str, Any]:
     return {"lr": 1e-3, "weight_decay": 0.0, **found}  # as tema.training.train_run reads them
 
 
+def model_spaces(params: dict[str, Any]) -> dict[str, Any]:
+    """tune.model_space (optional): model name -> {key: [values]}."""
+    own = config.get(params, "tune", dict).get("model_space") or {}
+    if not isinstance(own, dict):
+        raise config.ParamsError(f"params.yaml: 'tune.model_space' must be a mapping of model: {{key: [values]}}, got {own!r}")
+    return own
+
+
 def search_space(params: dict[str, Any], model: str, base: dict[str, Any]) -> dict[str, list]:
     """The grid of one model: the shared keys its configuration has, plus its own keys."""
     shared = config.get(params, "tune.space", dict)
-    own = (config.get(params, "tune.model_space", (dict, type(None))) or {}).get(model) or {}
+    own = model_spaces(params).get(model) or {}
     if not isinstance(own, dict):
         raise config.ParamsError(f"params.yaml: 'tune.model_space.{model}' must be a mapping of key: [values], got {own!r}")
     accepted = accepted_keys(model)
@@ -69,17 +78,48 @@ def search_space(params: dict[str, Any], model: str, base: dict[str, Any]) -> di
                                      f"expected one of {sorted(accepted)}")
     space = {k: v for k, v in shared.items() if k in base}
     space.update(own)
+    defaults = model_defaults(model)
     for key, values in space.items():
         where = f"tune.model_space.{model}.{key}" if key in own else f"tune.space.{key}"
         if not isinstance(values, list) or not values:
             raise config.ParamsError(f"params.yaml: '{where}' must be a non-empty list of values, got {values!r}")
+        reference = base.get(key, defaults.get(key))
+        for value in values:
+            if reference is not None and not same_kind(value, reference):
+                raise config.ParamsError(f"params.yaml: '{where}' holds {value!r} ({type(value).__name__}); expected values "
+                                         f"like {reference!r} ({type(reference).__name__}). YAML reads 1e-5 as text: write 1.0e-5")
     return dict(sorted(space.items()))
+
+
+def same_kind(value: Any, reference: Any) -> bool:
+    """Whether a grid value can stand where the configured value stands (an int may stand for a float)."""
+    if isinstance(reference, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(reference, bool)
+    if isinstance(reference, float):
+        return isinstance(value, (int, float))
+    if isinstance(reference, int):
+        return isinstance(value, int)
+    return isinstance(value, type(reference))
+
+
+def check_tune_params(params: dict[str, Any], models: list[str]) -> None:
+    """Names in `tune` that nothing uses are typos: say which, before any training starts."""
+    from tema.models import MODELS
+
+    shared = config.get(params, "tune.space", dict)
+    own = model_spaces(params)
+    for name in own:
+        if name not in MODELS:
+            raise config.ParamsError(f"params.yaml: 'tune.model_space.{name}' names no registered model; registered: {sorted(MODELS)}")
+    for key in shared:
+        if not any(key in accepted_keys(m) for m in MODELS):
+            raise config.ParamsError(f"params.yaml: 'tune.space.{key}' is a parameter of no model")
 
 
 def trial_configs(params: dict[str, Any], model: str, base: dict[str, Any], trials: int, seed: int) -> list[dict[str, Any]]:
     """Trial 0 = base; then up to trials-1 distinct grid points, drawn with `seed` (the same draw on every machine)."""
     if trials < 1:
-        raise config.ParamsError(f"params.yaml: 'tune.trials' must be >= 1, got {trials}")
+        raise config.ParamsError(f"the number of trials (tune.trials or --trials) must be >= 1, got {trials}")
     space = search_space(params, model, base)
     size = int(np.prod([len(v) for v in space.values()])) if space else 0
     if size > MAX_GRID:
@@ -124,12 +164,32 @@ def best_params(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
     return {row.model: json.loads(row.params) for row in best.itertuples(index=False)}
 
 
+def fragment(table: pd.DataFrame, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """model_params of the best trials; TEMA's ablations in params take TEMA's (one switch fixed, the rest the same)."""
+    from tema.models.tema import ABLATIONS
+
+    best = best_params(table)
+    if "tema" in best:
+        for name in ABLATIONS:
+            if name in (config.get(params, "model_params", dict)):
+                best[name] = dict(best["tema"])
+    return best
+
+
 def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = None, trials: int | None = None) -> pd.DataFrame:
-    """The search for `models` (default: params' models) on one dataset; writes the tuning reports."""
-    cfg = TrainConfig.from_params(params)
-    models = models or config.get(params, "models", list)
+    """The search for `models` (default: params' models but TEMA's ablations) on one dataset; writes the reports."""
+    from tema.models.tema import ABLATIONS
+
+    if models:
+        ablations = [m for m in models if m in ABLATIONS]
+        if ablations:
+            raise config.ParamsError(f"{ablations}: an ablation is TEMA with one switch fixed and otherwise TEMA's settings; "
+                                     "tune `tema` and its tuned settings are written for every ablation")
+    models = models or [m for m in config.get(params, "models", list) if m not in ABLATIONS]
     trials = trials if trials is not None else config.get(params, "tune.trials", int)
     seed = config.get(params, "tune.seed", int)
+    check_tune_params(params, models)
+    cfg = TrainConfig.from_params(params)
     prepared = config.dataset_dir("prepared", dataset_name)
     dataset = data.load(dataset_name, prepared)
     data_hash = data_fingerprint(prepared)
@@ -139,8 +199,9 @@ def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = No
     reports = config.repo_root() / "reports" / dataset_name
     reports.mkdir(parents=True, exist_ok=True)
     table.to_csv(reports / "tuning.csv", index=False, float_format="%.6f")
-    header = (f"# Best validation trial per model from `tema tune {dataset_name}` ({trials} trials each, seed {seed},\n"
-              f"# the same train settings for every model). Copy into profiles/ to evaluate with every seed.\n")
-    body = yaml.safe_dump({"model_params": best_params(table)}, sort_keys=False)
+    header = (f"# Best validation trial per model from `tema tune {dataset_name}` (up to {trials} trials each, seed {seed},\n"
+              f"# the same train settings for every model; TEMA's ablations take TEMA's). A profile overlays\n"
+              f"# profiles/default.yaml: copy this into profiles/ and add what else the search ran with.\n")
+    body = yaml.safe_dump({"model_params": fragment(table, params)}, sort_keys=False)
     (reports / "tuned-params.yaml").write_text(header + body, encoding="utf-8")
     return table

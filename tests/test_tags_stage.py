@@ -76,6 +76,7 @@ class FakeMergeClient:
         from types import SimpleNamespace
 
         self.faults, self.calls, self.lock, self.ns = faults, [], threading.Lock(), SimpleNamespace
+        self.in_flight = self.most_in_flight = 0
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
 
     def create(self, model, messages, **kwargs):
@@ -89,7 +90,11 @@ class FakeMergeClient:
         with self.lock:
             self.calls.append(listed[0])
             fault = self.faults.get(listed[0], []).pop(0) if self.faults.get(listed[0]) else "ok"
-        time.sleep(random.random() * 0.02)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(0.01 + random.random() * 0.02)
+        with self.lock:
+            self.in_flight -= 1
         if fault == "http_503":
             request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
             raise openai.APIStatusError("busy", response=httpx.Response(503, request=request), body=None)
@@ -112,7 +117,10 @@ def test_llm_refinement_is_concurrent_retried_ordered_and_cached(tmp_path):
     settings = Settings(concurrency=4, max_retries=4, backoff_s=0.0)
     merges, drops, counts = tags.llm_refine(lambda: client, "m", None, "Food", vocabulary, 4, settings,
                                             TagCache(tmp_path / "refine.jsonl"))
+    assert serial.most_in_flight == 1 and client.most_in_flight > 1  # the slots are filled
     assert client.calls.count("tag 08") == 3  # two transient 503s, then the answer
+    failed = [r for r in TagCache(tmp_path / "refine.jsonl").entries.values() if r["status"] == "failed"]
+    assert [r["reason"] for r in failed] == ["malformed_json"]  # recorded with its reason, not retried
     assert counts["chunks"] == 10 and counts["failed_chunks"] == 1 and "tag 17" not in merges  # the bad answer's chunk
     assert merges == {k: v for k, v in expected[0].items() if k != "tag 17"}
 

@@ -40,8 +40,30 @@ def test_bad_tuning_params_name_the_parameter():
     empty = {"tune": {**PARAMS["tune"], "space": {"lr": []}}}
     with pytest.raises(config.ParamsError, match=r"tune\.space\.lr' must be a non-empty list"):
         tune.trial_configs(empty, "gru4rec", {"lr": 0.001}, 3, seed=1)
-    with pytest.raises(config.ParamsError, match=r"tune\.trials' must be >= 1"):
+    with pytest.raises(config.ParamsError, match=r"trials \(tune\.trials or --trials\) must be >= 1"):
         tune.trial_configs(PARAMS, "gru4rec", {}, 0, seed=1)
+    text = {"tune": {**PARAMS["tune"], "space": {"weight_decay": [0.0, "1e-5"]}}}  # YAML reads 1e-5 as a string
+    with pytest.raises(config.ParamsError, match=r"tune\.space\.weight_decay' holds '1e-5' \(str\); expected values like 0\.0"):
+        tune.trial_configs(text, "gru4rec", {"weight_decay": 0.0}, 3, seed=1)
+    assert len(tune.trial_configs({"tune": {"space": {"lr": [1, 0.01]}}}, "gru4rec", {"lr": 0.001}, 3, seed=1)) == 3
+    typo = {"tune": {**PARAMS["tune"], "space": {"dropuot": [0.1]}}}
+    with pytest.raises(config.ParamsError, match=r"tune\.space\.dropuot' is a parameter of no model"):
+        tune.check_tune_params(typo, ["gru4rec"])
+    unknown = {"tune": {**PARAMS["tune"], "model_space": {"GRU4rec": {"layers": [2]}}}}
+    with pytest.raises(config.ParamsError, match=r"tune\.model_space\.GRU4rec' names no registered model"):
+        tune.check_tune_params(unknown, ["gru4rec"])
+    tune.check_tune_params(PARAMS, ["gru4rec"])  # aux_weight is TEMA's: a parameter of some model
+
+
+def test_ablations_are_not_tuned_apart_from_tema():
+    import pandas as pd
+
+    with pytest.raises(config.ParamsError, match=r"tema-no-tags.*tune `tema`"):
+        tune.run("food-kitchen", {"tune": PARAMS["tune"], "train": {}}, models=["tema-no-tags"])
+    table = pd.DataFrame({"model": ["tema", "tema", "sasrec"], "trial": [0, 1, 0], "valid_MRR": [0.1, 0.2, 0.1],
+                          "params": [json.dumps({"aux_weight": 0.5}), json.dumps({"aux_weight": 1.0}), json.dumps({"lr": 1})]})
+    params = {"model_params": {"tema": {}, "tema-no-tags": {"aux_weight": 0.5}, "sasrec": {}}}
+    assert tune.fragment(table, params) == {"sasrec": {"lr": 1}, "tema": {"aux_weight": 1.0}, "tema-no-tags": {"aux_weight": 1.0}}
 
 
 def test_search_selects_on_validation_never_reads_test_and_resumes(tmp_path, capsys):
