@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = tags_sub.add_parser("generate", help="fill the pass-1 answer cache of a dataset (resumable; Ctrl-C safe)")
     gen.add_argument("dataset")
     gen.add_argument("--limit", type=int, default=None, help="only the first N items of each domain")
+    gen.add_argument("--all", action="store_true", help="then the LLM refinement and pass 2 too, writing data/tags/<dataset>/ "
+                     "as the stage does (its answers cached as well; `dvc repro` then re-runs the stage from the cache)")
     tune = sub.add_parser("tune", help="hyper-parameter search on validation, the same budget for every model (tema.tune)")
     tune.add_argument("dataset")
     tune.add_argument("--models", nargs="+", default=None, help="default: the models of params.yaml")
@@ -92,11 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "tags":
         import json
 
-        from tema.tags import generate
+        from tema.tags import generate, run as run_tags
 
+        if args.all and args.limit is not None:
+            parser.error("--all runs the stage's items (tags.limit_items in params.yaml); it takes no --limit")
         stop_on_signals()
         try:
             print(json.dumps(generate(args.dataset, config.load_params(), args.limit), indent=2))
+            if args.all:
+                summary = run_tags(args.dataset, config.load_params())
+                print(json.dumps({k: summary["provenance"].get(k) for k in ("refinement", "mapping", "pass2")}, indent=1))
         except KeyboardInterrupt as stop:
             print(f"stopped ({stop}); finished answers are cached, run the same command to resume", file=sys.stderr)
             return 130

@@ -111,8 +111,11 @@ class AnswerError(ValueError):
         self.reason = reason
 
 
-def parse_tags(content: str | None, finish_reason: str | None, k: int) -> list[str]:
-    """The validated, normalised, de-duplicated tags of one answer (at most k, at least one)."""
+def parse_tags(content: str | None, finish_reason: str | None, k: int, allowed: frozenset[str] | None = None) -> list[str]:
+    """The validated, normalised, de-duplicated tags of one answer (at most k, at least one).
+
+    With `allowed` (pass 2 over a vocabulary), tags outside it are dropped.
+    """
     if finish_reason == "length":
         raise AnswerError("truncated", (content or "")[-80:])
     if not content or not content.strip():
@@ -129,6 +132,8 @@ def parse_tags(content: str | None, finish_reason: str | None, k: int) -> list[s
         if not isinstance(tag, str):
             continue
         tag = normalize_tag(tag)
+        if allowed is not None and tag not in allowed:
+            continue
         if tag and len(tag) <= MAX_TAG_CHARS and len(tag.split()) <= MAX_TAG_WORDS and tag not in out:
             out.append(tag)
     if not out:
@@ -248,13 +253,28 @@ def is_retryable(reason: str) -> bool:
     return reason in {"timeout", "connection_error"} | ANSWER_ERRORS
 
 
+def pass1_schema(k: int) -> dict[str, Any]:
+    """Open tagging: a list of 1..k short strings."""
+    return {"type": "array", "items": {"type": "string", "maxLength": MAX_TAG_CHARS}, "minItems": 1, "maxItems": k}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One item's question: its cache key, the messages, the JSON schema asked for, the tags allowed."""
+
+    key: str
+    messages: list[dict[str, str]]
+    schema: dict[str, Any]
+    allowed: frozenset[str] | None = None
+
+
 def ask(client, model: str, messages: list[dict[str, str]], settings: Settings, acct: Accounting,
-        lock: threading.Lock, sleep: Callable[[float], None] = time.sleep) -> tuple[list[str], dict[str, Any]]:
+        lock: threading.Lock, sleep: Callable[[float], None] = time.sleep, schema: dict[str, Any] | None = None,
+        allowed: frozenset[str] | None = None) -> tuple[list[str], dict[str, Any]]:
     """One item's tags, retrying transient failures with exponential backoff and jitter."""
     extra: dict[str, Any] = {}
     if settings.json_mode:  # a schema, not just "some JSON": bounds the list and keeps answers short
-        extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "tags", "schema": {
-            "type": "array", "items": {"type": "string", "maxLength": MAX_TAG_CHARS}, "minItems": 1, "maxItems": settings.k}}}
+        extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "tags", "schema": schema or pass1_schema(settings.k)}}
     attempt, last_reason = 0, ""
     while True:
         attempt += 1
@@ -276,7 +296,7 @@ def ask(client, model: str, messages: list[dict[str, str]], settings: Settings, 
                 raise AnswerError("empty", "no choices")
             choice = response.choices[0]
             content = choice.message.content if choice.message else None
-            tags = parse_tags(content, choice.finish_reason, settings.k)
+            tags = parse_tags(content, choice.finish_reason, settings.k, allowed)
             return tags, {"raw": content, "attempts": attempt,
                           "tokens_in": getattr(usage, "prompt_tokens", 0) or 0,
                           "tokens_out": getattr(usage, "completion_tokens", 0) or 0}
@@ -300,6 +320,12 @@ class Item:
     text: str
 
 
+def pass1_request(item: Item, model: str, model_sha256: str | None, settings: Settings) -> Request:
+    """Pass 1: open tagging with the domain's prompt."""
+    return Request(cache_key(model, model_sha256, item.domain_name, item.title, item.text, settings),
+                   build_messages(item.domain_name, item.title, item.text, settings.k), pass1_schema(settings.k))
+
+
 def tag_items(
     items: Iterable[Item],
     get_client: Callable[[], Any],
@@ -309,10 +335,13 @@ def tag_items(
     cache: TagCache,
     progress: bool = True,
     sleep: Callable[[float], None] = time.sleep,
+    request: Callable[[Item], Request] | None = None,
+    desc: str = "LLM tags",
 ) -> tuple[dict[int, list[str]], dict[int, str], Accounting]:
     """Tags of every item (cache first, then the LLM with `settings.concurrency` requests in flight).
 
     get_client() is called only if some item is not cached, so a complete cache needs no LLM at all.
+    `request(item)` makes each item's question; by default pass 1's open tagging (`pass1_request`).
     Returns (tags by item, failure reason by item, accounting). Failures do not stop the run.
     """
     items = list(items)
@@ -320,24 +349,25 @@ def tag_items(
     tags: dict[int, list[str]] = {}
     failures: dict[int, str] = {}
     todo = []
+    make = request or (lambda item: pass1_request(item, model, model_sha256, settings))
     for item in items:
-        key = cache_key(model, model_sha256, item.domain_name, item.title, item.text, settings)
-        hit = cache.get(key)
+        req = make(item)
+        hit = cache.get(req.key)
         if hit is not None:
             tags[item.item_id] = hit["tags"]
             acct.cached += 1
         else:
-            todo.append((key, item))
+            todo.append((req, item))
     started = time.perf_counter()
     client = get_client() if todo else None
-    bar = tqdm(total=len(todo), desc="LLM tags", unit="item", file=sys.stderr, mininterval=5,
+    bar = tqdm(total=len(todo), desc=desc, unit="item", file=sys.stderr, mininterval=5,
                disable=not progress or os.environ.get("TEMA_PROGRESS") == "0")
 
-    def one(key: str, item: Item) -> None:
-        messages = build_messages(item.domain_name, item.title, item.text, settings.k)
+    def one(req: Request, item: Item) -> None:
+        key = req.key
         t0 = time.perf_counter()
         try:
-            result, info = ask(client, model, messages, settings, acct, lock, sleep)
+            result, info = ask(client, model, req.messages, settings, acct, lock, sleep, req.schema, req.allowed)
         except AnswerError as err:
             cache.put({"key": key, "item_id": item.item_id, "status": "failed", "reason": err.reason, "detail": str(err)[:300]})
             with lock:
@@ -353,7 +383,7 @@ def tag_items(
 
     pool = ThreadPoolExecutor(max_workers=max(1, settings.concurrency))
     try:
-        futures = [pool.submit(one, key, item) for key, item in todo]
+        futures = [pool.submit(one, req, item) for req, item in todo]
         for future in as_completed(futures):
             future.result()
             bar.update(1)

@@ -15,6 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def title_tags(prompt: str) -> list[str]:
+    listed = re.findall(r"\nList: (.*)", prompt)
+    if listed:  # pass 2: tags chosen from the list given
+        return listed[-1].split(", ")[:3]
     match = re.findall(r"title: (.*)", prompt)
     words = re.findall(r"[a-z]+", (match[-1] if match else "").lower())
     return [w for w in words if len(w) > 2][:5] or ["misc"]

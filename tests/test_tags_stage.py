@@ -135,6 +135,95 @@ def test_llm_refinement_is_concurrent_retried_ordered_and_cached(tmp_path):
     assert tags.llm_refine(no_client, "m", None, "Food", vocabulary, 4, settings, TagCache(tmp_path / "refine.jsonl"))[0] == expected[0]
 
 
+class FakeRetagClient:
+    """An OpenAI-like client for the pass-2 prompt: answers with tags of the item's list (and one outside it);
+    titles with "Broken" get malformed JSON every time, titles with "Short" a single tag."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.ns, self.calls, self.schemas = SimpleNamespace, [], []
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, model, messages, **kwargs):
+        prompt = messages[-1]["content"]
+        title = prompt.split("title: ")[1].splitlines()[0]
+        choices = prompt.split("List: ")[1].split(", ")
+        self.calls.append(title)
+        self.schemas.append(kwargs["response_format"]["json_schema"]["schema"])
+        if "Broken" in title:
+            content = '["half'
+        elif "Short" in title:
+            content = json.dumps(choices[:1])
+        else:
+            content = json.dumps([choices[2], "not in the list", choices[0], choices[1]])
+        choice = self.ns(message=self.ns(content=content), finish_reason="stop")
+        return self.ns(choices=[choice], usage=self.ns(prompt_tokens=100, completion_tokens=12))
+
+
+def test_llm_pass2_fills_under_tagged_items_from_the_vocabulary_and_caches(tmp_path):
+    from tema.tagging import Settings
+
+    vocab = tags.pd.DataFrame({"domain": ["A"] * 5 + ["B"] * 4,
+                               "tag": ["snack", "cookie", "dark chocolate", "candy", "tea", "skillet", "cookware", "cast iron", "pan"],
+                               "count": 1, "shared": False})
+    items = [Item(0, "Food", "Chocolate Cookie Snack", ""), Item(1, "Food", "Dark Chocolate Bar", "rich cocoa"),
+             Item(2, "Food", "Broken Candy", ""), Item(3, "Food", "Short Tea Tin", ""), Item(4, "Kitchen", "Cast Iron Pan", "")]
+    domain_of = {0: "A", 1: "A", 2: "A", 3: "A", 4: "B"}
+    mapped = {0: [("cookie", 1), ("snack", 2), ("dark chocolate", 3)], 1: [("dark chocolate", 2)], 2: [("candy", 1)],
+              3: [("tea", 1), ("snack", 4)]}  # item 4 failed pass 1: no tags at all
+    pass2 = {"mode": "fill", "min_tags": 3, "shortlist": 4}
+    settings = Settings(k=3, max_retries=1, backoff_s=0.0)
+    client = FakeRetagClient()
+    cache = TagCache(tmp_path / "pass2.jsonl")
+    out, report = tags.llm_pass2(items, domain_of, vocab, mapped, bag_encoder, pass2, lambda: client, "m", None, settings, cache,
+                                 progress=False)
+    assert sorted(set(client.calls)) == ["Broken Candy", "Cast Iron Pan", "Dark Chocolate Bar", "Short Tea Tin"]  # not item 0
+    assert out[0] == mapped[0]
+    # the shortlist: the mapped tags first, then the vocabulary tags of the item's own domain nearest its text
+    lists = tags.shortlists(items[1:2], domain_of, vocab, mapped, bag_encoder, 4)
+    assert lists[1][0] == "dark chocolate" and len(lists[1]) == 4 and set(lists[1]) <= set(vocab.tag[vocab.domain == "A"])
+    assert out[1] == [(lists[1][2], 1), (lists[1][0], 2), (lists[1][1], 3)]  # ranked as answered; the unlisted tag dropped
+    assert {t for t, _ in out[4]} <= {"skillet", "cookware", "cast iron", "pan"} and len(out[4]) == 3
+    assert out[2] == mapped[2] and out[3] == mapped[3]  # a failed request, and a shorter answer, keep the mapping
+    schema = client.schemas[0]
+    assert schema["items"]["enum"] and schema["minItems"] == 3 and schema["maxItems"] == 3
+    assert report["asked"] == 4 and report["answered"] == 3 and report["failed"] == 1 and report["replaced"] == 2
+    assert report["kept_mapping"] == 1 and report["failure_reasons"] == {"malformed_json": 1}
+    assert report["tokens_out"] == 3 * 12
+
+    def no_client():
+        raise AssertionError("only the failed item may be asked again")
+
+    # a re-run asks only the failed item again and gives the same tags and report
+    again = FakeRetagClient()
+    out2, report2 = tags.llm_pass2(items, domain_of, vocab, mapped, bag_encoder, pass2, lambda: again, "m", None, settings,
+                                   TagCache(tmp_path / "pass2.jsonl"), progress=False)
+    assert set(again.calls) == {"Broken Candy"} and out2 == out and report2 == report
+    # a changed vocabulary changes the shortlists, and exactly the items whose list changed are asked again
+    grown = tags.pd.concat([vocab, tags.pd.DataFrame({"domain": ["B"], "tag": ["iron pan"], "count": 1, "shared": False})])
+    third = FakeRetagClient()
+    tags.llm_pass2(items, domain_of, grown, mapped, bag_encoder, pass2, lambda: third, "m", None, settings,
+                   TagCache(tmp_path / "pass2.jsonl"), progress=False)
+    assert set(third.calls) == {"Broken Candy", "Cast Iron Pan"}
+    # "retag" asks for every item
+    fourth = FakeRetagClient()
+    tags.llm_pass2(items, domain_of, vocab, mapped, bag_encoder, {**pass2, "mode": "retag"}, lambda: fourth, "m", None,
+                   settings, TagCache(tmp_path / "all.jsonl"), progress=False)
+    assert len(set(fourth.calls)) == 5
+
+
+def test_pass2_settings_are_validated():
+    assert tags.pass2_settings({"kind": "llm"}, "x", 5)["mode"] == "map"
+    assert tags.pass2_settings({"pass2": {"mode": "fill"}}, "x", 5) == {"mode": "fill", "min_tags": 3, "shortlist": 20}
+    with pytest.raises(Exception, match=r"tags\.sources\.x\.pass2\.mode must be one of"):
+        tags.pass2_settings({"pass2": {"mode": "guess"}}, "x", 5)
+    with pytest.raises(Exception, match=r"tags\.sources\.x\.pass2: unknown key\(s\) \['size'\]"):
+        tags.pass2_settings({"pass2": {"size": 3}}, "x", 5)
+    with pytest.raises(Exception, match=r"pass2\.shortlist must be an integer >= 5"):
+        tags.pass2_settings({"pass2": {"shortlist": 4}}, "x", 5)
+
+
 def test_external_tags_are_read_and_bad_rows_counted(tmp_path):
     path = tmp_path / "ext.tsv"
     path.write_text('item_id\ttags_json\n0\t["Arts", "Crafts"]\n1\tnot json\n2\t[]\n')
@@ -153,6 +242,7 @@ def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
     params["tag_datasets"] = ["food-kitchen"]
     params["tags"]["limit_items"] = 6
     params["tags"]["refine"].update(min_count=1, llm_chunk=10)
+    params["tags"]["sources"]["food-kitchen"]["pass2"] = {"mode": "fill", "min_tags": 3, "shortlist": 6}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TEMA_PROGRESS": "0",
            "OPENAI_API_KEY": CANARY, "TEMA_CACHE_DIR": str(tmp_path / "cache")}
@@ -170,6 +260,8 @@ def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
     assert len(item_tags) == 12  # 6 items per domain
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["endpoint"] == "OPENAI_BASE_URL" and provenance["refinement"]["A"]["llm"]["chunks"] >= 1
+    assert provenance["pass2"]["mode"] == "fill" and provenance["pass2"]["answered"] >= 1  # under-tagged items re-tagged
+    assert any("\nList: " in r["messages"][-1]["content"] for r in stub.requests)
     scanned = [p for p in repo.rglob("*") if p.is_file() and not {".git", "tests"} & set(p.relative_to(repo).parts)]
     scanned += [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert any(p.name == "dvc.lock" for p in scanned) and any(p.suffix == ".html" for p in scanned)
