@@ -100,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--all runs the stage's items (tags.limit_items in params.yaml); it takes no --limit")
         stop_on_signals()
         try:
-            print(json.dumps(generate(args.dataset, config.load_params(), args.limit), indent=2))
-            if args.all:
+            if args.all:  # the stage's own run does pass 1 first: one cache load, one server
                 summary = run_tags(args.dataset, config.load_params())
                 print(json.dumps({k: summary["provenance"].get(k) for k in ("refinement", "mapping", "pass2")}, indent=1))
+            else:
+                print(json.dumps(generate(args.dataset, config.load_params(), args.limit), indent=2))
         except KeyboardInterrupt as stop:
             print(f"stopped ({stop}); finished answers are cached, run the same command to resume", file=sys.stderr)
             return 130
