@@ -42,7 +42,10 @@ from tema import config, data
 from tema.tagging import (ANSWER_ERRORS, PROMPT_VERSION, AnswerError, Item, Request, Settings, TagCache, cache_key, classify_error,
                           is_retryable, normalize_tag, product_block, prompt_hash, tag_items)
 
-REFINE_VERSION = "refine-v1"
+REFINE_VERSION = "refine-v2"  # v1 (free-form merge map) made the 0.5B model echo its example
+REFINE_MAX_PAIRS = 10  # synonym pairs per chunk answer
+REFINE_MAX_VAGUE = 5  # vague tags per chunk answer
+REFINE_MAX_TOKENS = 512  # room for the bounded answer: 15 tags of up to ~8 tokens, 10 pairs
 RETAG_VERSION = "pass2-v1"
 PASS2_MODES = ("map", "fill", "retag")
 PASS2_DEFAULTS = {"mode": "map", "min_tags": 3, "shortlist": 20}
@@ -155,15 +158,26 @@ def near_duplicate_merges(tags: list[str], counts: Counter, encode, threshold: f
 
 
 def llm_merge_prompt(domain_name: str, tags: list[str]) -> list[dict[str, str]]:
+    """The refinement question for one chunk; its example names no real tag (a small model echoes examples)."""
     listing = "\n".join(f"- {t}" for t in tags)
     return [
         {"role": "system", "content": "You clean tag vocabularies for a product recommender. Reply with one JSON object."},
         {"role": "user", "content": (
             f"Tags used for {domain_name} products:\n{listing}\n\n"
-            'Merge synonyms into the best tag of the list and name vague tags to drop (like "product" or "good"). '
-            'Answer {"merge": {"tag": "better tag from the list", ...}, "drop": ["tag", ...]} using only tags of the list.'
+            "1. synonyms: pairs of tags from the list that mean the same thing for a shopper, as [tag, same meaning tag].\n"
+            "2. vague: tags from the list that say nothing about what the product is or does.\n"
+            'Answer {"synonyms": [[..., ...], ...], "vague": [...]}; use only tags of the list; empty lists are fine.'
         )},
     ]
+
+
+def refine_schema(tags: list[str]) -> dict[str, Any]:
+    """Only tags of the chunk, and a bounded answer (a small model otherwise runs on until max_tokens)."""
+    tag = {"type": "string", "enum": list(tags)}
+    return {"type": "object", "additionalProperties": False, "required": ["synonyms", "vague"], "properties": {
+        "synonyms": {"type": "array", "items": {"type": "array", "items": tag, "minItems": 2, "maxItems": 2},
+                     "maxItems": REFINE_MAX_PAIRS},
+        "vague": {"type": "array", "items": tag, "maxItems": REFINE_MAX_VAGUE}}}
 
 
 def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: str, tags: list[str], chunk: int,
@@ -174,14 +188,17 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
     transport faults (timeouts, refused connections, 429/5xx) are retried with backoff, and an unusable
     answer leaves its chunk unmerged, recorded as failed and asked again on the next run. Answers are
     applied in chunk order, so the result does not depend on which request finished first.
-    Suggestions naming tags outside the chunk, or chains of merges, are ignored and counted. Each
-    chunk's answer is cached like pass-1 answers, so a re-run needs no LLM.
+    The answer is asked under a JSON schema over the chunk's own tags, bounded in length; a synonym pair
+    merges into its more frequent tag (the chunk lists tags most frequent first). Self-pairs are counted
+    as trivial; pairs naming tags outside the chunk, or making chains of merges, are ignored and counted.
+    Each chunk's answer is cached like pass-1 answers, so a re-run needs no LLM.
     """
     parts = [tags[lo: lo + chunk] for lo in range(0, len(tags), chunk)]
     keyed = []
     for part in parts:
         messages = llm_merge_prompt(domain_name, part)
-        key = hashlib.sha256(json.dumps([REFINE_VERSION, model, model_sha256, messages, settings.seed]).encode()).hexdigest()[:24]
+        key = hashlib.sha256(json.dumps([REFINE_VERSION, model, model_sha256, messages, settings.seed,
+                                         settings.json_mode]).encode()).hexdigest()[:24]
         keyed.append((part, messages, key))
     # the client is made once, before any thread, and only if some chunk is not cached yet
     client = get_client() if any(cache.get(key) is None for _, _, key in keyed) else None
@@ -194,9 +211,11 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
         while True:
             attempt += 1
             try:
+                fmt = ({"type": "json_schema", "json_schema": {"name": "refine", "schema": refine_schema(part)}}
+                       if settings.json_mode else {"type": "json_object"})
                 response = client.chat.completions.create(
-                    model=model, messages=messages, temperature=0.0, max_tokens=min(1024, 12 * len(part)),
-                    response_format={"type": "json_object"}, seed=settings.seed,
+                    model=model, messages=messages, temperature=0.0, max_tokens=REFINE_MAX_TOKENS,
+                    response_format=fmt, seed=settings.seed,
                 )
                 choice = response.choices[0] if response.choices else None
                 if choice is None or not (choice.message and choice.message.content):
@@ -222,7 +241,7 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
 
     merges: dict[str, str] = {}
     drops: set[str] = set()
-    counts = {"chunks": len(parts), "failed_chunks": 0, "merges": 0, "drops": 0, "ignored": 0}
+    counts = {"chunks": len(parts), "failed_chunks": 0, "merges": 0, "drops": 0, "trivial": 0, "ignored": 0}
     pool = ThreadPoolExecutor(max_workers=max(1, settings.concurrency))
     try:
         hits = list(pool.map(lambda k: answer(*k), keyed))
@@ -232,18 +251,25 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
         if hit is None:
             counts["failed_chunks"] += 1
             continue
-        allowed = set(part)
-        merge, drop = hit["answer"].get("merge", {}), hit["answer"].get("drop", [])
-        for src, dst in (merge.items() if isinstance(merge, dict) else []):
-            src, dst = normalize_tag(str(src)), normalize_tag(str(dst))
-            if src in allowed and dst in allowed and src != dst and dst not in merges:
-                merges[src] = dst
-                counts["merges"] += 1
-            else:
+        rank = {tag: i for i, tag in enumerate(part)}  # the chunk lists tags most frequent first
+        pairs, vague = hit["answer"].get("synonyms", []), hit["answer"].get("vague", [])
+        for pair in pairs if isinstance(pairs, list) else []:
+            pair = [normalize_tag(str(t)) for t in pair] if isinstance(pair, list) and len(pair) == 2 else []
+            if not pair or pair[0] == pair[1]:
+                counts["trivial" if pair else "ignored"] += 1
+                continue
+            if not all(t in rank for t in pair):
                 counts["ignored"] += 1
-        for tag in drop if isinstance(drop, list) else []:
+                continue
+            dst, src = sorted(pair, key=rank.__getitem__)  # into the more frequent of the two
+            if src in merges or dst in merges or src in merges.values():
+                counts["ignored"] += 1  # no chains: a tag merges once, into a tag that stays
+                continue
+            merges[src] = dst
+            counts["merges"] += 1
+        for tag in vague if isinstance(vague, list) else []:
             tag = normalize_tag(str(tag))
-            if tag in allowed and tag not in merges.values():
+            if tag in rank and tag not in merges and tag not in merges.values():
                 drops.add(tag)
                 counts["drops"] += 1
             else:

@@ -68,8 +68,10 @@ def test_refinement_merges_drops_and_maps():
 
 
 class FakeMergeClient:
-    """An OpenAI-like client for the refinement prompt: merges each chunk's second tag into its first,
-    answers out of order (random delays), and scripts a fault per chunk by its first tag."""
+    """An OpenAI-like client for the refinement prompt: names each chunk's second and first tag as synonyms
+    (in that order: the stage merges into the more frequent, earlier one), adds a self-pair and a pair with a
+    tag outside the chunk (both ignored), calls the last tag vague, answers out of order (random delays), and
+    scripts a fault per chunk by its first tag. Records the response formats asked for."""
 
     def __init__(self, faults: dict[str, list[str]]):
         import threading
@@ -77,6 +79,7 @@ class FakeMergeClient:
 
         self.faults, self.calls, self.lock, self.ns = faults, [], threading.Lock(), SimpleNamespace
         self.in_flight = self.most_in_flight = 0
+        self.formats = []
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
 
     def create(self, model, messages, **kwargs):
@@ -89,6 +92,7 @@ class FakeMergeClient:
         listed = [line[2:] for line in messages[-1]["content"].splitlines() if line.startswith("- ")]
         with self.lock:
             self.calls.append(listed[0])
+            self.formats.append(kwargs.get("response_format"))
             fault = self.faults.get(listed[0], []).pop(0) if self.faults.get(listed[0]) else "ok"
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -98,7 +102,9 @@ class FakeMergeClient:
         if fault == "http_503":
             request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
             raise openai.APIStatusError("busy", response=httpx.Response(503, request=request), body=None)
-        content = '{"merge": {' if fault == "malformed" else json.dumps({"merge": {listed[1]: listed[0]}, "drop": []})
+        answer = {"synonyms": [[listed[1], listed[0]], [listed[2], listed[2]], [listed[2], "not in the chunk"]],
+                  "vague": [listed[-1]]}
+        content = '{"synonyms": [' if fault == "malformed" else json.dumps(answer)
         choice = self.ns(message=self.ns(content=content), finish_reason="stop")
         return self.ns(choices=[choice], usage=None)
 
@@ -111,6 +117,11 @@ def test_llm_refinement_is_concurrent_retried_ordered_and_cached(tmp_path):
     expected = tags.llm_refine(lambda: serial, "m", None, "Food", vocabulary, 4, Settings(concurrency=1),
                                TagCache(tmp_path / "serial.jsonl"))
     assert expected[0] == {f"tag {i + 1:02d}": f"tag {i:02d}" for i in range(0, 40, 4)}
+    assert expected[1] == {f"tag {i + 3:02d}" for i in range(0, 40, 4)}  # the vague ones
+    assert expected[2] == {"chunks": 10, "failed_chunks": 0, "merges": 10, "drops": 10, "trivial": 10, "ignored": 10}
+    schema = serial.formats[0]["json_schema"]["schema"]  # a bounded answer over the chunk's own tags
+    assert schema["properties"]["vague"]["items"]["enum"] == vocabulary[:4]
+    assert schema["properties"]["synonyms"]["maxItems"] == tags.REFINE_MAX_PAIRS
 
     faults = {"tag 08": ["http_503", "http_503"], "tag 16": ["malformed"]}
     client = FakeMergeClient(faults)
