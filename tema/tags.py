@@ -301,7 +301,17 @@ def refine_vocabulary(pass1: dict[int, list[str]], domain_of: dict[int, str], re
         if llm is not None:
             heads = [t for t in candidates if t not in merges]
             llm_merges, drops, llm_counts = llm(domain, heads)
-            merges.update({k: v for k, v in llm_merges.items() if k not in merges})
+            llm_merges = {k: v for k, v in llm_merges.items() if k not in merges}
+            # a small model names unrelated pairs ("coffee", "tea"): its pairs must also be this close by embedding
+            floor = refine.get("llm_merge_similarity", 0.0)
+            if llm_merges and floor > 0:
+                src = encode(list(llm_merges))
+                dst = encode(list(llm_merges.values()))
+                cos = (src * dst).sum(1) / (np.linalg.norm(src, axis=1) * np.linalg.norm(dst, axis=1)).clip(1e-12)
+                kept = {k: v for (k, v), c in zip(llm_merges.items(), cos) if c >= floor}
+                llm_counts = {**llm_counts, "merges": len(kept), "below_similarity": len(llm_merges) - len(kept)}
+                llm_merges = kept
+            merges.update(llm_merges)
             merges.update({tag: DROPPED for tag in drops})  # vague: dropped, never re-mapped by similarity
             info["llm"] = llm_counts
         merged = Counter()

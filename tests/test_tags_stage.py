@@ -67,6 +67,21 @@ def test_refinement_merges_drops_and_maps():
     assert counts["dropped"] >= 3 and counts["merged"] >= 1
 
 
+def test_llm_synonym_pairs_must_also_be_close_by_embedding():
+    pass1 = {0: ["cookie", "snack", "snacks bar"], 1: ["cookie", "snack", "snacks bar"], 2: ["cookie", "snack", "snacks bar"]}
+    domain_of = {0: "A", 1: "A", 2: "A"}
+
+    def llm(domain, heads):  # one unrelated pair, one near pair (letter trigrams shared)
+        return ({"cookie": "snack", "snacks bar": "snack"} if domain == "A" else {}), set(), {"merges": 2 if domain == "A" else 0}
+
+    refine = {"min_count": 2, "vocab_size": 10, "similarity": 0.99}
+    trusted, _, report = tags.refine_vocabulary(pass1, domain_of, refine, bag_encoder, llm)
+    assert list(trusted.tag) == ["snack"] and report["A"]["llm"] == {"merges": 2}
+    gated, merges, report = tags.refine_vocabulary(pass1, domain_of, {**refine, "llm_merge_similarity": 0.3}, bag_encoder, llm)
+    assert sorted(gated.tag) == ["cookie", "snack"] and merges["A"] == {"snacks bar": "snack"}
+    assert report["A"]["llm"] == {"merges": 1, "below_similarity": 1}
+
+
 class FakeMergeClient:
     """An OpenAI-like client for the refinement prompt: names each chunk's second and first tag as synonyms
     (in that order: the stage merges into the more frequent, earlier one), adds a self-pair and a pair with a
