@@ -7,11 +7,17 @@ need the features stage's output first (dvc repro features@<dataset>). Peak RSS 
 
     python benchmarks/train_throughput.py --models sasrec c2dsr --epochs 1
     python benchmarks/train_throughput.py --models sasrec sasrec-text tema --epochs 2
+    python benchmarks/train_throughput.py --models tema --epochs 1 --parallel 3 --threads 1
+
+--parallel N runs N copies of each measurement at once, one process each (as `train.workers` trains the
+seeds of a model), and reports their combined sequences/s: compare it with --parallel 1 to choose
+train.workers and train.num_threads for a machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import sys
 import time
@@ -63,21 +69,48 @@ def measure(name: str, dataset, params: dict, cfg: TrainConfig, epochs: int) -> 
             "sequences_per_s": len(sequences) / float(np.mean(epoch_times)), "eval_seconds": float(np.mean(eval_times))}
 
 
+def measure_in_process(args: tuple) -> dict:
+    name, dataset_name, params, epochs = args
+    cfg = TrainConfig.from_params(params)
+    torch.set_num_threads(cfg.num_threads)
+    dataset = data.read_raw(dataset_name, ROOT / "data" / "raw")
+    return measure(name, dataset, params, cfg, epochs)
+
+
+def measure_parallel(name: str, dataset_name: str, params: dict, epochs: int, copies: int) -> dict:
+    """`copies` runs of the same measurement at once: their combined throughput (each ends when it ends)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(copies) as pool:
+        rows = pool.map(measure_in_process, [(name, dataset_name, params, epochs)] * copies)
+    slowest = max(r["seconds_per_epoch"] for r in rows)
+    return {"model": name, "seconds_per_epoch": slowest,
+            "sequences_per_s": sum(r["sequences_per_s"] * r["seconds_per_epoch"] for r in rows) / slowest,
+            "eval_seconds": max(r["eval_seconds"] for r in rows)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="food-kitchen")
     parser.add_argument("--models", nargs="+", default=["sasrec"])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--params", default=str(ROOT / "profiles" / "default.yaml"))
+    parser.add_argument("--parallel", type=int, default=1, help="copies of each run at once (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: train.num_threads)")
     args = parser.parse_args()
 
     params = config.load_params(args.params)
+    if args.threads is not None:
+        params["train"]["num_threads"] = args.threads
     cfg = TrainConfig.from_params(params)
     torch.set_num_threads(cfg.num_threads)
-    dataset = data.read_raw(args.dataset, ROOT / "data" / "raw")
-    rows = [measure(name, dataset, params, cfg, args.epochs) for name in args.models]
+    if args.parallel > 1:
+        rows = [measure_parallel(name, args.dataset, params, args.epochs, args.parallel) for name in args.models]
+    else:
+        dataset = data.read_raw(args.dataset, ROOT / "data" / "raw")
+        rows = [measure(name, dataset, params, cfg, args.epochs) for name in args.models]
     base = rows[0]["seconds_per_epoch"]
-    print(f"\n{args.dataset}, {args.epochs} epoch(s) each")
+    print(f"\n{args.dataset}, {args.epochs} epoch(s) each, {args.parallel} run(s) at once with "
+          f"{cfg.num_threads} thread(s) each (seq/s: all runs together; s/epoch: the slowest run)")
     print(f"{'model':<12}{'s/epoch':>10}{'seq/s':>10}{'valid s':>10}{'x ' + rows[0]['model']:>14}")
     for r in rows:
         print(f"{r['model']:<12}{r['seconds_per_epoch']:>10.1f}{r['sequences_per_s']:>10.0f}{r['eval_seconds']:>10.2f}"

@@ -6,6 +6,9 @@ reports/<dataset>/curves-<model>.csv (per-epoch mean over seeds, for `dvc plots`
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -31,20 +34,63 @@ def model_params(params: dict[str, Any], model: str, dataset_name: str | None = 
 
 
 def run(dataset_name: str, model: str, params: dict[str, Any]) -> pd.DataFrame:
-    """Train every seed of `model` (skipping finished ones); returns the per-seed run summaries."""
+    """Train every seed of `model` (skipping finished ones); returns the per-seed run summaries.
+
+    With `train.workers` > 1 the seeds train at once, each in its own process with `train.num_threads`
+    threads: on a few CPU cores that uses them better than one run with more threads. A seed that fails
+    does not stop the others; its error is raised once they have finished (finished seeds are kept).
+    """
     cfg = TrainConfig.from_params(params)
     hyper = model_params(params, model, dataset_name)
     prepared = config.dataset_dir("prepared", dataset_name)
-    dataset = data.load(dataset_name, prepared)
     data_hash = data_fingerprint(prepared)
     out = config.dataset_dir("runs", dataset_name) / model
-    results = [train_run(dataset, model, hyper, cfg, seed, out / f"seed{seed}", data_hash) for seed in cfg.seeds]
+    if cfg.workers > 1 and len(cfg.seeds) > 1:
+        results = _train_parallel(dataset_name, prepared, model, hyper, cfg, out, data_hash)
+    else:
+        dataset = data.load(dataset_name, prepared)
+        results = [train_run(dataset, model, hyper, cfg, seed, out / f"seed{seed}", data_hash) for seed in cfg.seeds]
     curves = load_histories(dataset_name, model, cfg.seeds)
     numeric = curves.drop(columns=["seed"]).groupby("epoch").mean().reset_index()
     curves_path = config.repo_root() / "reports" / dataset_name / f"curves-{model}.csv"
     curves_path.parent.mkdir(parents=True, exist_ok=True)
     numeric.drop(columns=["seconds", "sequences"]).to_csv(curves_path, index=False, float_format="%.6f")
     return pd.DataFrame(results).drop(columns=["fingerprint", "train_seconds", "device"])
+
+
+def _train_seed(dataset_name: str, prepared: Path, model: str, hyper: dict[str, Any], cfg: TrainConfig,
+                seed: int, out_dir: Path, data_hash: str) -> dict[str, Any]:
+    """One seed in a worker process (it loads the prepared data itself)."""
+    return train_run(data.load(dataset_name, prepared), model, hyper, cfg, seed, out_dir, data_hash)
+
+
+def _train_parallel(dataset_name: str, prepared: Path, model: str, hyper: dict[str, Any], cfg: TrainConfig,
+                    out: Path, data_hash: str) -> list[dict[str, Any]]:
+    workers = min(cfg.workers, len(cfg.seeds))
+    results: dict[int, dict[str, Any]] = {}
+    errors: list[tuple[int, BaseException]] = []
+    # spawn, not fork: torch's thread pools and a notebook kernel's state do not survive a fork
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_train_seed, dataset_name, prepared, model, hyper, cfg, seed, out / f"seed{seed}", data_hash): seed
+            for seed in cfg.seeds
+        }
+        try:
+            for future in as_completed(futures):
+                seed = futures[future]
+                try:
+                    results[seed] = future.result()
+                except Exception as exc:  # the other seeds go on; raised below
+                    errors.append((seed, exc))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if errors:
+        seed, exc = errors[0]
+        failed = ", ".join(str(s) for s, _ in errors)
+        raise RuntimeError(f"{model} on {dataset_name}: seed(s) {failed} failed (finished seeds are kept); "
+                           f"seed {seed}: {exc}") from exc
+    return [results[seed] for seed in cfg.seeds]
 
 
 def load_histories(dataset_name: str, model: str, seeds) -> pd.DataFrame:

@@ -43,6 +43,7 @@ class TrainConfig:
     eval_batch_size: int
     device: str
     num_threads: int
+    workers: int = 1  # seeds trained at once, each in its own process (tema.train.run); not part of a run's identity
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
@@ -63,8 +64,10 @@ class TrainConfig:
             eval_batch_size=config.get(params, "evaluate.batch_size", int),
             device=config.get(params, "train.device", str),
             num_threads=config.get(params, "train.num_threads", int),
+            workers=config.get(params, "train.workers", int),
         )
-        for name in ("max_epochs", "patience", "batch_size", "max_len", "n_negatives", "eval_batch_size", "num_threads"):
+        for name in ("max_epochs", "patience", "batch_size", "max_len", "n_negatives", "eval_batch_size", "num_threads",
+                     "workers"):
             if getattr(cfg, name) < 1:
                 raise config.ParamsError(f"params.yaml: train setting '{name}' must be >= 1, got {getattr(cfg, name)}")
         return cfg
@@ -123,7 +126,8 @@ def code_fingerprint(model_name: str) -> str:
 def fingerprint(model_name: str, hyper: dict[str, Any], cfg: TrainConfig, seed: int, data_hash: str) -> str:
     blob = json.dumps(
         {
-            "model": model_name, "hyper": hyper, "train": {**asdict(cfg), "seeds": None, "device": None},
+            "model": model_name, "hyper": hyper,
+            "train": {**{k: v for k, v in asdict(cfg).items() if k != "workers"}, "seeds": None, "device": None},
             "seed": seed, "data": data_hash, "code": code_fingerprint(model_name),
         },
         sort_keys=True,

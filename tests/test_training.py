@@ -115,3 +115,57 @@ def test_scores_do_not_depend_on_the_padding_a_batch_needs(model):
         alone = recommender.score([short], "B")
         batched = recommender.score([short, long], "B")[:1]
     assert torch.allclose(alone, batched, atol=1e-5)
+
+
+def study_root(tmp_path, monkeypatch, root, **train) -> dict:
+    """A minimal repository (dvc.yaml, params.yaml) holding the synthetic dataset as data/prepared/synthetic."""
+    params = config.load_params(root / "profiles" / "default.yaml")
+    params["train"].update(seeds=[1, 2], max_epochs=2, patience=2, batch_size=32, max_len=10, loss="full",
+                           num_threads=1, **train)
+    params["model_params"]["gru4rec"] = {"dim": 16, "lr": 0.01}
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    data.save(synthetic(), tmp_path / "data" / "prepared" / "synthetic")
+    monkeypatch.chdir(tmp_path)
+    return params
+
+
+def test_seeds_trained_in_parallel_equal_seeds_trained_one_by_one(tmp_path, monkeypatch, root):
+    from tema import train
+
+    params = study_root(tmp_path, monkeypatch, root, workers=1)
+    serial = train.run("synthetic", "gru4rec", params)
+    runs = tmp_path / "data" / "runs" / "synthetic" / "gru4rec"
+    runs.rename(tmp_path / "serial")
+    params["train"]["workers"] = 2
+    parallel = train.run("synthetic", "gru4rec", params)
+    assert list(parallel["seed"]) == [1, 2]
+    pd.testing.assert_frame_equal(serial.drop(columns="epochs_run"), parallel.drop(columns="epochs_run"))
+    for seed in (1, 2):  # the same weights bit for bit, and the same fingerprint (workers is not part of it)
+        a = torch.load(tmp_path / "serial" / f"seed{seed}" / "model.pt", weights_only=True)
+        b = torch.load(runs / f"seed{seed}" / "model.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert (json.loads((runs / f"seed{seed}" / "run.json").read_text())["fingerprint"]
+                == json.loads((tmp_path / "serial" / f"seed{seed}" / "run.json").read_text())["fingerprint"])
+
+
+def test_a_failing_parallel_seed_keeps_the_others(tmp_path, monkeypatch, root):
+    from tema import train
+
+    params = study_root(tmp_path, monkeypatch, root, workers=2)
+    runs = tmp_path / "data" / "runs" / "synthetic" / "gru4rec"
+    runs.mkdir(parents=True)
+    (runs / "seed2").write_text("in the way")  # seed 2 cannot make its run folder
+    with pytest.raises(RuntimeError, match=r"seed\(s\) 2 failed \(finished seeds are kept\)"):
+        train.run("synthetic", "gru4rec", params)
+    assert json.loads((runs / "seed1" / "run.json").read_text())["seed"] == 1
+    (runs / "seed2").unlink()
+    again = train.run("synthetic", "gru4rec", params)  # seed 1 is reused, seed 2 trains
+    assert list(again["seed"]) == [1, 2]
+
+
+def test_workers_must_be_positive(root):
+    params = config.load_params(root / "profiles" / "default.yaml")
+    params["train"]["workers"] = 0
+    with pytest.raises(config.ParamsError, match="'workers' must be >= 1"):
+        TrainConfig.from_params(params)
