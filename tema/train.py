@@ -7,6 +7,7 @@ reports/<dataset>/curves-<model>.csv (per-epoch mean over seeds, for `dvc plots`
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,28 @@ def _train_seed(dataset_name: str, prepared: Path, model: str, hyper: dict[str, 
     return train_run(data.load(dataset_name, prepared), model, hyper, cfg, seed, out_dir, data_hash)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the process that started it is gone (a killed notebook
+    kernel or `dvc repro` must not leave seeds training as orphans; unfinished seeds leave no run.json)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _train_parallel(dataset_name: str, prepared: Path, model: str, hyper: dict[str, Any], cfg: TrainConfig,
                     out: Path, data_hash: str) -> list[dict[str, Any]]:
     workers = min(cfg.workers, len(cfg.seeds))
     results: dict[int, dict[str, Any]] = {}
     errors: list[tuple[int, BaseException]] = []
     # spawn, not fork: torch's thread pools and a notebook kernel's state do not survive a fork
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {
             pool.submit(_train_seed, dataset_name, prepared, model, hyper, cfg, seed, out / f"seed{seed}", data_hash): seed
             for seed in cfg.seeds

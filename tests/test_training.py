@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -169,3 +174,46 @@ def test_workers_must_be_positive(root):
     params["train"]["workers"] = 0
     with pytest.raises(config.ParamsError, match="'workers' must be >= 1"):
         TrainConfig.from_params(params)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process parents from /proc")
+def test_killing_the_trainer_ends_its_parallel_seeds(tmp_path, monkeypatch, root):
+    params = study_root(tmp_path, monkeypatch, root, workers=2)
+    params["train"].update(max_epochs=100_000, patience=100_000)  # seeds that would train for a long time
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    script = "import json; from tema import train; train.run('synthetic', 'gru4rec', json.load(open('params.json')))"
+    trainer = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "TEMA_PROGRESS": "0"},
+                               stderr=subprocess.DEVNULL)
+    runs = tmp_path / "data" / "runs" / "synthetic" / "gru4rec"
+    deadline = time.monotonic() + 120
+    while not all((runs / f"seed{s}").is_dir() for s in (1, 2)):  # both seeds have started training
+        assert trainer.poll() is None and time.monotonic() < deadline, "the seeds never started"
+        time.sleep(0.2)
+    workers = [pid for pid in children_of(trainer.pid) if alive(pid)]
+    assert len(workers) >= 2
+    trainer.kill()  # SIGKILL: the trainer cannot clean up, its workers must notice on their own
+    trainer.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers), "seed workers outlived the killed trainer"
+    assert not any((runs / f"seed{s}" / "run.json").exists() for s in (1, 2))  # never mistaken for finished
