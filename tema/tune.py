@@ -11,7 +11,9 @@ For the claim "TEMA beats strong baselines" to be honest, the baselines get the 
   epoch limit, patience and early stopping) and the seed `tune.seed`; it is scored by the validation MRR
   of its selected epoch. The test split is never read;
 - runs land in data/tuning/<dataset>/<model>/trial<k>/ and are reused on a re-run like the train stage's
-  (fingerprinted), so an interrupted search resumes.
+  (fingerprinted), so an interrupted search resumes;
+- with `train.workers` > 1, that many trials (of any model) train at once, one process each with
+  `train.num_threads` threads, as the train stage trains its seeds; a failing trial does not stop the others.
 
 Outputs: reports/<dataset>/tuning.csv (one row per trial: the tuned values, validation MRR, epochs,
 seconds) and reports/<dataset>/tuned-params.yaml, a profile fragment with each model's best trial. To
@@ -24,6 +26,9 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,7 @@ import pandas as pd
 import yaml
 
 from tema import config, data
-from tema.train import model_params
+from tema.train import _exit_with_parent, _train_seed, model_params
 from tema.training import TrainConfig, data_fingerprint, train_run
 
 MAX_GRID = 100_000
@@ -158,6 +163,36 @@ def tune_model(dataset: data.Dataset, model: str, configs: list[dict[str, Any]],
     return table
 
 
+def train_trials(dataset_name: str, prepared: Path, plans: dict[str, list[dict[str, Any]]], cfg: TrainConfig, seed: int,
+                 out_dir: Path, data_hash: str) -> None:
+    """Train every unfinished trial of every model, `cfg.workers` at once in spawned processes (tema.train's seed
+    workers: each loads the data itself and ends with its parent). Finished trials are kept when one fails; the
+    failures are raised together once the others are done. tune_model then reads the finished runs."""
+
+    jobs = [(model, trial, hyper) for model, configs in plans.items() for trial, hyper in enumerate(configs)]
+    errors: list[str] = []
+    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+        futures = {
+            pool.submit(_train_seed, dataset_name, prepared, model, hyper, cfg, seed, out_dir / model / f"trial{trial}",
+                        data_hash): (model, trial)
+            for model, trial, hyper in jobs
+        }
+        try:
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except Exception as exc:  # the other trials go on; raised below
+                    model, trial = futures[future]
+                    errors.append(f"{model} trial {trial}: {exc}")
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if errors:
+        raise RuntimeError(f"tuning on {dataset_name}: {len(errors)} trial(s) failed (finished trials are kept; "
+                           f"a re-run resumes): " + "; ".join(errors))
+
+
 def best_params(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """Each model's best trial (the lowest-numbered one on a tie, so the params.yaml config wins ties)."""
     best = table.sort_values(["model", "valid_MRR", "trial"], ascending=[True, False, True]).groupby("model").head(1)
@@ -195,6 +230,8 @@ def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = No
     data_hash = data_fingerprint(prepared)
     plans = {m: trial_configs(params, m, model_params(params, m, dataset_name), trials, seed) for m in models}  # all errors first
     out_dir = config.dataset_dir("tuning", dataset_name)
+    if cfg.workers > 1 and sum(len(c) for c in plans.values()) > 1:
+        train_trials(dataset_name, prepared, plans, cfg, seed, out_dir, data_hash)
     table = pd.concat([tune_model(dataset, m, plans[m], cfg, seed, out_dir, data_hash) for m in models], ignore_index=True)
     reports = config.repo_root() / "reports" / dataset_name
     reports.mkdir(parents=True, exist_ok=True)

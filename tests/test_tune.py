@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from tema import config, tune
@@ -99,3 +101,42 @@ def test_the_default_profile_has_a_valid_search_for_every_model(root):
         base = model_params(params, model)
         configs = tune.trial_configs(params, model, base, params["tune"]["trials"], params["tune"]["seed"])
         assert configs[0] == base and len(configs) == (1 if model == "popularity" else params["tune"]["trials"])
+
+
+def tuning_study(tmp_path, monkeypatch, root, workers: int) -> dict:
+    from test_training import study_root
+
+    params = study_root(tmp_path, monkeypatch, root, workers=workers)
+    params["tune"] = {"trials": 2, "seed": 1, "space": {"lr": [0.001, 0.05]}, "model_space": {}}
+    params["model_params"]["sasrec"] = {"dim": 16, "dropout": 0.0, "lr": 0.01}
+    return params
+
+
+def test_trials_trained_in_parallel_equal_trials_trained_one_by_one(tmp_path, monkeypatch, root):
+    serial_root, parallel_root = tmp_path / "serial", tmp_path / "parallel"
+    serial_root.mkdir(), parallel_root.mkdir()
+    serial = tune.run("synthetic", tuning_study(serial_root, monkeypatch, root, workers=1), models=["gru4rec", "sasrec"])
+    parallel = tune.run("synthetic", tuning_study(parallel_root, monkeypatch, root, workers=3), models=["gru4rec", "sasrec"])
+    assert list(zip(parallel["model"], parallel["trial"])) == [("gru4rec", 0), ("gru4rec", 1), ("sasrec", 0), ("sasrec", 1)]
+    columns = ["model", "trial", "tuned", "valid_MRR", "best_epoch", "epochs_run", "params", "best"]
+    pd.testing.assert_frame_equal(serial[columns], parallel[columns])  # the same runs: workers is not part of a trial
+    for row in parallel.itertuples():
+        trial = f"data/tuning/synthetic/{row.model}/trial{row.trial}"
+        a = torch.load(serial_root / trial / "model.pt", weights_only=True)
+        b = torch.load(parallel_root / trial / "model.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (parallel_root / "reports" / "synthetic" / "tuned-params.yaml").is_file()
+
+
+def test_a_failing_parallel_trial_keeps_the_others_and_resumes(tmp_path, monkeypatch, root):
+    params = tuning_study(tmp_path, monkeypatch, root, workers=2)
+    trials = tmp_path / "data" / "tuning" / "synthetic" / "gru4rec"
+    trials.mkdir(parents=True)
+    (trials / "trial1").write_text("in the way")  # trial 1 cannot make its run folder
+    with pytest.raises(RuntimeError, match=r"1 trial\(s\) failed \(finished trials are kept; a re-run resumes\): gru4rec trial 1"):
+        tune.run("synthetic", params, models=["gru4rec", "sasrec"])
+    done = {p.parent.relative_to(trials.parent).as_posix() for p in trials.parent.glob("*/trial*/run.json")}
+    assert done == {"gru4rec/trial0", "sasrec/trial0", "sasrec/trial1"}
+    (trials / "trial1").unlink()
+    table = tune.run("synthetic", params, models=["gru4rec", "sasrec"])  # the three finished trials are reused
+    assert len(table) == 4 and table["valid_MRR"].notna().all()
