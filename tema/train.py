@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Hashable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -79,33 +80,35 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _train_parallel(dataset_name: str, prepared: Path, model: str, hyper: dict[str, Any], cfg: TrainConfig,
-                    out: Path, data_hash: str) -> list[dict[str, Any]]:
-    workers = min(cfg.workers, len(cfg.seeds))
-    results: dict[int, dict[str, Any]] = {}
-    errors: list[tuple[int, BaseException]] = []
+def train_parallel(jobs: dict[Hashable, tuple], workers: int) -> tuple[dict[Hashable, dict[str, Any]], dict[Hashable, Exception]]:
+    """Run `_train_seed(*args)` for every job, `workers` at once, each in a spawned process that ends with its
+    parent. A failing job does not stop the others. Returns (results, errors), both keyed like `jobs`."""
+    results: dict[Hashable, dict[str, Any]] = {}
+    errors: dict[Hashable, Exception] = {}
     # spawn, not fork: torch's thread pools and a notebook kernel's state do not survive a fork
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = {
-            pool.submit(_train_seed, dataset_name, prepared, model, hyper, cfg, seed, out / f"seed{seed}", data_hash): seed
-            for seed in cfg.seeds
-        }
+        futures = {pool.submit(_train_seed, *args): key for key, args in jobs.items()}
         try:
             for future in as_completed(futures):
-                seed = futures[future]
                 try:
-                    results[seed] = future.result()
-                except Exception as exc:  # the other seeds go on; raised below
-                    errors.append((seed, exc))
+                    results[futures[future]] = future.result()
+                except Exception as exc:  # the other jobs go on; the caller reports the failures
+                    errors[futures[future]] = exc
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    return results, errors
+
+
+def _train_parallel(dataset_name: str, prepared: Path, model: str, hyper: dict[str, Any], cfg: TrainConfig,
+                    out: Path, data_hash: str) -> list[dict[str, Any]]:
+    jobs = {seed: (dataset_name, prepared, model, hyper, cfg, seed, out / f"seed{seed}", data_hash) for seed in cfg.seeds}
+    results, errors = train_parallel(jobs, cfg.workers)
     if errors:
-        seed, exc = errors[0]
-        failed = ", ".join(str(s) for s, _ in errors)
-        raise RuntimeError(f"{model} on {dataset_name}: seed(s) {failed} failed (finished seeds are kept); "
-                           f"seed {seed}: {exc}") from exc
+        failed = sorted(errors)
+        raise RuntimeError(f"{model} on {dataset_name}: seed(s) {', '.join(map(str, failed))} failed (finished seeds are kept); "
+                           f"seed {failed[0]}: {errors[failed[0]]}") from errors[failed[0]]
     return [results[seed] for seed in cfg.seeds]
 
 

@@ -26,9 +26,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +34,7 @@ import pandas as pd
 import yaml
 
 from tema import config, data
-from tema.train import _exit_with_parent, _train_seed, model_params
+from tema.train import model_params, train_parallel
 from tema.training import TrainConfig, data_fingerprint, train_run
 
 MAX_GRID = 100_000
@@ -165,32 +162,17 @@ def tune_model(dataset: data.Dataset, model: str, configs: list[dict[str, Any]],
 
 def train_trials(dataset_name: str, prepared: Path, plans: dict[str, list[dict[str, Any]]], cfg: TrainConfig, seed: int,
                  out_dir: Path, data_hash: str) -> None:
-    """Train every unfinished trial of every model, `cfg.workers` at once in spawned processes (tema.train's seed
-    workers: each loads the data itself and ends with its parent). Finished trials are kept when one fails; the
-    failures are raised together once the others are done. tune_model then reads the finished runs."""
-
-    jobs = [(model, trial, hyper) for model, configs in plans.items() for trial, hyper in enumerate(configs)]
-    errors: list[str] = []
-    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = {
-            pool.submit(_train_seed, dataset_name, prepared, model, hyper, cfg, seed, out_dir / model / f"trial{trial}",
-                        data_hash): (model, trial)
-            for model, trial, hyper in jobs
-        }
-        try:
-            for future in as_completed(futures):
-                try:
-                    future.result()
-                except Exception as exc:  # the other trials go on; raised below
-                    model, trial = futures[future]
-                    errors.append(f"{model} trial {trial}: {exc}")
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    """Train every unfinished trial of every model, `cfg.workers` at once (tema.train's seed workers). Finished trials
+    are kept when one fails; the failures are raised together once the others are done. tune_model then reads the
+    finished runs."""
+    jobs = {
+        (model, trial): (dataset_name, prepared, model, hyper, cfg, seed, out_dir / model / f"trial{trial}", data_hash)
+        for model, configs in plans.items() for trial, hyper in enumerate(configs)
+    }
+    _, errors = train_parallel(jobs, cfg.workers)
     if errors:
-        raise RuntimeError(f"tuning on {dataset_name}: {len(errors)} trial(s) failed (finished trials are kept; "
-                           f"a re-run resumes): " + "; ".join(errors))
+        raise RuntimeError(f"tuning on {dataset_name}: {len(errors)} trial(s) failed (finished trials are kept; a re-run "
+                           "resumes): " + "; ".join(f"{m} trial {t}: {errors[m, t]}" for m, t in sorted(errors)))
 
 
 def best_params(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
