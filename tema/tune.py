@@ -16,7 +16,10 @@ For the claim "TEMA beats strong baselines" to be honest, the baselines get the 
   `train.num_threads` threads, as the train stage trains its seeds; a failing trial does not stop the others.
 
 Outputs: reports/<dataset>/tuning.csv (one row per trial: the tuned values, validation MRR, epochs,
-seconds) and reports/<dataset>/tuned-params.yaml, a profile fragment with each model's best trial. To
+seconds, the run's fingerprint) and reports/<dataset>/tuned-params.yaml, a profile fragment with each
+model's best trial. A search over some models replaces only their rows: the rows of the other models are
+kept when their trial runs are still in data/tuning/ with the same fingerprints, so models can be tuned
+one session at a time and the table and fragment cover them all. To
 report test numbers for the tuned models, copy it into profiles/ (for example profiles/tuned.yaml), run
 `tema profile tuned && dvc repro`: three seeds, test split, significance tests, as for any profile.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +158,7 @@ def tune_model(dataset: data.Dataset, model: str, configs: list[dict[str, Any]],
             "valid_MRR": result["best_valid_score"], "best_epoch": result["best_epoch"],
             "epochs_run": result["epochs_run"], "train_seconds": round(result["train_seconds"], 1),
             "params": json.dumps({k: v for k, v in hyper.items() if k not in FEATURE_KEYS}, sort_keys=True),
+            "fingerprint": result["fingerprint"],
         })
     table = pd.DataFrame(rows)
     table["best"] = table["valid_MRR"] == table["valid_MRR"].max()  # ties: every tied trial is marked
@@ -173,6 +178,31 @@ def train_trials(dataset_name: str, prepared: Path, plans: dict[str, list[dict[s
     if errors:
         raise RuntimeError(f"tuning on {dataset_name}: {len(errors)} trial(s) failed (finished trials are kept; a re-run "
                            "resumes): " + "; ".join(f"{m} trial {t}: {errors[m, t]}" for m, t in sorted(errors)))
+
+
+def kept_rows(path: Path, out_dir: Path, models: list[str]) -> pd.DataFrame | None:
+    """The rows of an earlier tuning.csv for models other than `models` whose trials are still the finished runs in
+    `out_dir` (same fingerprint): a search over some models keeps what was found for the others. Rows whose run is
+    gone or was re-trained since (another dataset size, other code) are dropped, with a message."""
+    if not path.exists():
+        return None
+    old = pd.read_csv(path, dtype={"fingerprint": str})
+    old = old[~old["model"].isin(models)]
+    if old.empty:
+        return None
+
+    def current(row) -> bool:
+        run_json = out_dir / row.model / f"trial{row.trial}" / "run.json"
+        if "fingerprint" not in old.columns or not run_json.exists():
+            return False
+        return json.loads(run_json.read_text(encoding="utf-8")).get("fingerprint") == row.fingerprint
+
+    keep = np.array([current(row) for row in old.itertuples(index=False)], dtype=bool)
+    dropped = sorted(set(old.loc[~keep, "model"]))
+    if dropped:
+        print(f"{path}: dropping the earlier rows of {dropped}: their trial runs in {out_dir} are gone or were "
+              "re-trained since (tune them again to list them)", file=sys.stderr)
+    return old[keep] if keep.any() else None
 
 
 def best_params(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
@@ -217,6 +247,9 @@ def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = No
     table = pd.concat([tune_model(dataset, m, plans[m], cfg, seed, out_dir, data_hash) for m in models], ignore_index=True)
     reports = config.repo_root() / "reports" / dataset_name
     reports.mkdir(parents=True, exist_ok=True)
+    earlier = kept_rows(reports / "tuning.csv", out_dir, models)
+    if earlier is not None:
+        table = pd.concat([earlier, table], ignore_index=True)
     table.to_csv(reports / "tuning.csv", index=False, float_format="%.6f")
     header = (f"# Best validation trial per model from `tema tune {dataset_name}` (up to {trials} trials each, seed {seed},\n"
               f"# the same train settings for every model; TEMA's ablations take TEMA's). A profile overlays\n"

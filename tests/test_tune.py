@@ -140,3 +140,23 @@ def test_a_failing_parallel_trial_keeps_the_others_and_resumes(tmp_path, monkeyp
     (trials / "trial1").unlink()
     table = tune.run("synthetic", params, models=["gru4rec", "sasrec"])  # the three finished trials are reused
     assert len(table) == 4 and table["valid_MRR"].notna().all()
+
+
+def test_tuning_models_one_at_a_time_keeps_the_earlier_rows_while_their_runs_stand(tmp_path, monkeypatch, root, capsys):
+    params = tuning_study(tmp_path, monkeypatch, root, workers=1)
+    reports = tmp_path / "reports" / "synthetic"
+    first = tune.run("synthetic", params, models=["gru4rec"])
+    both = tune.run("synthetic", params, models=["sasrec"])
+    assert list(zip(both["model"], both["trial"])) == [("gru4rec", 0), ("gru4rec", 1), ("sasrec", 0), ("sasrec", 1)]
+    on_disk = pd.read_csv(reports / "tuning.csv", dtype={"fingerprint": str})
+    assert list(on_disk["fingerprint"][:2]) == list(first["fingerprint"])  # the gru4rec rows as found, not re-scored
+    fragment = yaml.safe_load((reports / "tuned-params.yaml").read_text())["model_params"]
+    assert set(fragment) == {"gru4rec", "sasrec"}
+    # re-tuning a model replaces its rows rather than adding to them
+    assert len(tune.run("synthetic", params, models=["sasrec"])) == 4
+    # an earlier row whose trial was re-trained since (here: another fingerprint) no longer stands
+    run_json = tmp_path / "data" / "tuning" / "synthetic" / "gru4rec" / "trial1" / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "fingerprint": "0000"}))
+    table = tune.run("synthetic", params, models=["sasrec"])
+    assert list(zip(table["model"], table["trial"])) == [("gru4rec", 0), ("sasrec", 0), ("sasrec", 1)]
+    assert "dropping the earlier rows of ['gru4rec']" in capsys.readouterr().err
