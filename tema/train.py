@@ -95,8 +95,11 @@ def train_parallel(jobs: dict[Hashable, tuple], workers: int) -> tuple[dict[Hash
                     results[futures[future]] = future.result()
                 except Exception as exc:  # the other jobs go on; the caller reports the failures
                     errors[futures[future]] = exc
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:  # an interrupt (a notebook kernel's, Ctrl-C): stop the running jobs too, not only the queued
+            running = list((pool._processes or {}).values())  # the executor has no public way to end running jobs
+            pool.shutdown(wait=False, cancel_futures=True)  # (and it forgets its processes here)
+            for process in running:
+                process.terminate()  # an unfinished run leaves no run.json, so it is never mistaken for finished
             raise
     return results, errors
 

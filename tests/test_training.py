@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -188,6 +190,13 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -217,3 +226,37 @@ def test_killing_the_trainer_ends_its_parallel_seeds(tmp_path, monkeypatch, root
         time.sleep(0.2)
     assert not any(alive(pid) for pid in workers), "seed workers outlived the killed trainer"
     assert not any((runs / f"seed{s}" / "run.json").exists() for s in (1, 2))  # never mistaken for finished
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process parents from /proc")
+def test_interrupting_the_trainer_stops_its_parallel_seeds_and_returns(tmp_path, monkeypatch, root):
+    """A notebook kernel interrupt (SIGINT to the kernel alone): the kernel gets control back promptly and no seed
+    goes on training behind it, though the kernel itself lives on."""
+    params = study_root(tmp_path, monkeypatch, root, workers=2)
+    params["train"].update(max_epochs=100_000, patience=100_000)
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    script = ("import json, time\nfrom tema import train\ntry:\n"
+              "    train.run('synthetic', 'gru4rec', json.load(open('params.json')))\n"
+              "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n    time.sleep(120)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "TEMA_PROGRESS": "0"},
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        runs = tmp_path / "data" / "runs" / "synthetic" / "gru4rec"
+        deadline = time.monotonic() + 120
+        while not all((runs / f"seed{s}").is_dir() for s in (1, 2)):
+            assert trainer.poll() is None and time.monotonic() < deadline, "the seeds never started"
+            time.sleep(0.2)
+        workers = [pid for pid in children_of(trainer.pid) if alive(pid) and b"spawn_main" in cmdline(pid)]
+        assert len(workers) == 2  # the seed workers, not multiprocessing's resource tracker (which lives with the kernel)
+        os.kill(trainer.pid, signal.SIGINT)
+        ready, _, _ = select.select([trainer.stdout], [], [], 60)
+        assert ready and trainer.stdout.readline().strip() == "interrupted", "the interrupt did not return control"
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), "seed workers kept training after the interrupt"
+        assert trainer.poll() is None  # the 'kernel' lives on: the workers did not stop because it died
+        assert not any((runs / f"seed{s}" / "run.json").exists() for s in (1, 2))
+    finally:
+        trainer.kill()
+        trainer.wait()
