@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from tema import config, data
@@ -58,10 +59,15 @@ def significance(per_user: pd.DataFrame, reference: str, split: str = "test", me
     """Paired two-sided Wilcoxon signed-rank tests of `reference` against every other model.
 
     Pairs are users (examples) of one protocol and target domain; each user's metric is first averaged
-    over seeds. Returns one row per (protocol, domain, model, metric): both means, their difference,
-    the number of pairs and the p-value (1.0 when every pair is tied).
+    over seeds. Returns one row per (protocol, domain, model, metric): the model's group (`ablation` for
+    TEMA's ablations, else `baseline`), both means, their difference, the number of pairs, the p-value (1.0
+    when every pair is tied) and `p_holm`, the p-value after Holm's step-down correction over all tests of
+    the same group in the table (every protocol, domain, metric and model of the group), so that "TEMA is
+    better in some cells" can be read at a family-wise 5% level.
     """
     from scipy.stats import wilcoxon
+
+    from tema.models.tema import ABLATIONS
 
     rows = per_user[per_user["split"] == split]
     if reference not in set(rows["model"]):
@@ -78,10 +84,24 @@ def significance(per_user: pd.DataFrame, reference: str, split: str = "test", me
                 a, b = ref[metric].droplevel([0, 1]), other[metric].droplevel([0, 1])
                 diff = (a - b).to_numpy()
                 p = 1.0 if not diff.any() else float(wilcoxon(a.to_numpy(), b.to_numpy(), zero_method="wilcox").pvalue)
-                out.append({"protocol": protocol, "domain": domain, "reference": reference, "model": model, "metric": metric,
+                out.append({"protocol": protocol, "domain": domain, "reference": reference, "model": model,
+                            "group": "ablation" if model in ABLATIONS else "baseline", "metric": metric,
                             "reference_mean": float(a.mean()), "model_mean": float(b.mean()), "difference": float(diff.mean()),
                             "pairs": len(diff), "p_value": p})
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    if len(table):
+        table["p_holm"] = table.groupby("group", sort=False)["p_value"].transform(holm)
+    return table
+
+
+def holm(p_values: pd.Series) -> pd.Series:
+    """Holm's step-down adjusted p-values: the k-th smallest of m is multiplied by m - k + 1, made monotone, capped at 1."""
+    p = p_values.to_numpy(dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * (len(p) - np.arange(len(p)))
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return pd.Series(adjusted, index=p_values.index)
 
 
 def metrics_json(summary: pd.DataFrame) -> dict[str, Any]:

@@ -100,7 +100,13 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
     )
     sig_path = root / "reports" / dataset / "significance.csv"
     sig = pd.read_csv(sig_path) if sig_path.is_file() and sig_path.stat().st_size > 1 else pd.DataFrame()
-    p_of = {(r.model, r.protocol, r.domain, r.metric): r.p_value for r in sig.itertuples()} if len(sig) else {}
+    if len(sig) and "p_holm" not in sig.columns:  # a table from before the correction was added
+        from tema.evaluate import holm
+        from tema.models.tema import ABLATIONS as _ablations
+
+        sig.insert(4, "group", ["ablation" if m in _ablations else "baseline" for m in sig["model"]])
+        sig["p_holm"] = sig.groupby("group", sort=False)["p_value"].transform(holm)
+    p_of = {(r.model, r.protocol, r.domain, r.metric): (r.p_value, r.p_holm) for r in sig.itertuples()} if len(sig) else {}
     reference = sig["reference"].iloc[0] if len(sig) else None
     from tema.models.tema import ABLATIONS
 
@@ -111,8 +117,9 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
     if reference:
         parts.append(
             f"<p>Marks: * the model differs from {html.escape(reference)} with p &lt; 0.05 (paired two-sided Wilcoxon "
-            "signed-rank test over test users, each user's metric averaged over seeds; MRR and NDCG@10 are tested). "
-            "The p-values are in the significance table below.</p>"
+            "signed-rank test over test users, each user's metric averaged over seeds; MRR and NDCG@10 are tested); "
+            "** it still does after Holm's correction over all tests against the models of its group (baselines, or "
+            "ablations). The p-values are in the significance table below.</p>"
         )
     for title, group, metrics in groups:
         for protocol in PROTOCOLS:
@@ -128,23 +135,22 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
                     if col not in cells.columns:
                         continue
                     for model in cells.index:
-                        p = p_of.get((model, protocol, d, m))
+                        p, p_holm = p_of.get((model, protocol, d, m), (None, None))
                         if p is not None and p < 0.05:
-                            cells.loc[model, col] = f"{cells.loc[model, col]} *"
+                            cells.loc[model, col] = f"{cells.loc[model, col]} {significance_mark(p, p_holm)}"
                     best = rows[rows["domain"] == d].set_index("model")[f"mean_{m}"]
                     if len(best):
                         cells.loc[best.idxmax(), col] = f"<b>{cells.loc[best.idxmax(), col]}</b>"
             parts.append(f"<h4>{title}, {protocol}</h4>" + cells.to_html(escape=False, classes="table"))
     if len(sig):
-        sig["cell"] = [f"{d:+.4f} (p={p:.2g}){' *' if p < 0.05 else ''}" for d, p in zip(sig["difference"], sig["p_value"])]
-        wide = sig.pivot(index="model", columns=["protocol", "domain", "metric"], values="cell")
-        wide = wide[[c for c in [(p, d, m) for p in PROTOCOLS for d in data.DOMAINS for m in sorted(set(sig["metric"]))] if c in wide.columns]]
-        wide.columns = [f"{p} {d} {m}" for p, d, m in wide.columns]
-        wide = wide.loc[[m for m in models if m in wide.index]]
+        wide = significance_table(sig, [m for m in models if m in set(sig["model"])])
         parts.append(
             f"<h4>Significance: {html.escape(reference)} against each model</h4><p>Difference of the mean test metric "
-            f"({html.escape(reference)} minus the model) and the p-value of a paired two-sided Wilcoxon signed-rank test over "
-            "test users (each user's metric averaged over seeds); * marks p &lt; 0.05.</p>" + wide.to_html(classes="table")
+            f"({html.escape(reference)} minus the model), the p-value of a paired two-sided Wilcoxon signed-rank test over "
+            "test users (each user's metric averaged over seeds) and, after it, the Holm-corrected p-value (over all "
+            "tests against the models of the same group: the baselines, or the ablations). * marks p &lt; 0.05, ** a "
+            "Holm-corrected p &lt; 0.05. <i>best baseline</i>: in each column, the baseline with the highest mean "
+            "test metric, the strongest opponent in that cell.</p>" + wide.to_html(classes="table")
         )
     parts.append(img_tag(figure_png(plot_results(summary)), f"{dataset} test MRR"))
     parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, cfg.seeds)), f"{dataset} curves"))
@@ -155,6 +161,30 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
     items = "".join(f'<li><a href="{href}">{html.escape(name)}</a></li>' for name, href in links)
     parts.append(f"<h3>Stage reports</h3><ul>{items}</ul>")
     return "\n".join(parts)
+
+
+def significance_mark(p: float, p_holm: float) -> str:
+    return "**" if p_holm < 0.05 else "*" if p < 0.05 else ""
+
+
+def significance_table(sig: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+    """Models (and a 'best baseline' row) x (protocol, domain, metric): 'difference (p, Holm p) marks' cells."""
+
+    def cell(r) -> str:
+        mark = significance_mark(r.p_value, r.p_holm)
+        return f"{r.difference:+.4f} (p={r.p_value:.2g}, Holm {r.p_holm:.2g}){' ' + mark if mark else ''}"
+
+    sig = sig.assign(cell=[cell(r) for r in sig.itertuples()])
+    columns = [(p, d, m) for p in PROTOCOLS for d in data.DOMAINS for m in sorted(set(sig["metric"]))]
+    wide = sig.pivot(index="model", columns=["protocol", "domain", "metric"], values="cell")
+    wide = wide[[c for c in columns if c in wide.columns]].loc[models]
+    baselines = sig[sig["group"] == "baseline"]
+    if len(baselines):
+        best = baselines.loc[baselines.groupby(["protocol", "domain", "metric"])["model_mean"].idxmax()]
+        best_row = {(r.protocol, r.domain, r.metric): f"{r.model}: {r.cell}" for r in best.itertuples()}
+        wide.loc["best baseline"] = [best_row.get(c, "") for c in wide.columns]
+    wide.columns = [f"{p} {d} {m}" for p, d, m in wide.columns]
+    return wide
 
 
 def deviations_section(params: dict[str, Any]) -> str:

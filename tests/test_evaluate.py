@@ -34,3 +34,40 @@ def test_wilcoxon_separates_a_consistent_gain_from_ties_and_noise():
 def test_unknown_reference_names_the_parameter():
     with pytest.raises(config.ParamsError, match="'evaluate.reference' is 'tema'"):
         significance(per_user(), "tema")
+
+
+def test_holm_matches_the_step_down_procedure():
+    from tema.evaluate import holm
+
+    adjusted = holm(pd.Series([0.01, 0.04, 0.03, 0.005]))
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> monotone 0.06
+    assert adjusted.tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm(pd.Series([0.6, 0.9])).tolist() == [1.0, 1.0]
+
+
+def test_holm_families_are_baselines_and_ablations_apart():
+    rows = per_user()
+    ablation = rows[rows["model"] == "worse"].assign(model="tema-no-tags")
+    sig = significance(pd.concat([rows, ablation]), "ref")
+    groups = dict(zip(sig["model"], sig["group"]))
+    assert groups == {"same": "baseline", "worse": "baseline", "noisy": "baseline", "tema-no-tags": "ablation"}
+    from tema.evaluate import holm
+
+    for _, family in sig.groupby("group"):
+        assert family["p_holm"].tolist() == pytest.approx(holm(family["p_value"]).tolist())
+    # the ablation family has 2 tests (MRR, NDCG@10), the baseline one 6: the same raw p is scaled differently
+    worse, no_tags = (sig[(sig["model"] == m) & (sig["metric"] == "MRR")].iloc[0] for m in ("worse", "tema-no-tags"))
+    assert worse["p_value"] == pytest.approx(no_tags["p_value"])
+    assert no_tags["p_holm"] < worse["p_holm"] and worse["p_holm"] >= worse["p_value"]
+
+
+def test_report_names_the_best_baseline_of_each_cell():
+    from tema.report import significance_table
+
+    rows = per_user()
+    sig = significance(pd.concat([rows, rows[rows["model"] == "worse"].assign(model="tema-no-tags")]), "ref")
+    table = significance_table(sig, ["same", "worse", "noisy", "tema-no-tags"])
+    assert list(table.index) == ["same", "worse", "noisy", "tema-no-tags", "best baseline"]
+    best = sig[(sig["group"] == "baseline") & (sig["metric"] == "MRR")].sort_values("model_mean").iloc[-1]
+    assert table.loc["best baseline", "full A MRR"].startswith(f"{best['model']}: ")
+    assert table.loc["worse", "full A MRR"].endswith("**")  # p < 1e-6 survives the correction
