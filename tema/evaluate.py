@@ -67,8 +67,6 @@ def significance(per_user: pd.DataFrame, reference: str, split: str = "test", me
     """
     from scipy.stats import wilcoxon
 
-    from tema.models.tema import ABLATIONS
-
     rows = per_user[per_user["split"] == split]
     if reference not in set(rows["model"]):
         raise config.ParamsError(f"params.yaml: 'evaluate.reference' is {reference!r}, which is not among the evaluated models")
@@ -84,13 +82,21 @@ def significance(per_user: pd.DataFrame, reference: str, split: str = "test", me
                 a, b = ref[metric].droplevel([0, 1]), other[metric].droplevel([0, 1])
                 diff = (a - b).to_numpy()
                 p = 1.0 if not diff.any() else float(wilcoxon(a.to_numpy(), b.to_numpy(), zero_method="wilcox").pvalue)
-                out.append({"protocol": protocol, "domain": domain, "reference": reference, "model": model,
-                            "group": "ablation" if model in ABLATIONS else "baseline", "metric": metric,
+                out.append({"protocol": protocol, "domain": domain, "reference": reference, "model": model, "metric": metric,
                             "reference_mean": float(a.mean()), "model_mean": float(b.mean()), "difference": float(diff.mean()),
                             "pairs": len(diff), "p_value": p})
-    table = pd.DataFrame(out)
-    if len(table):
-        table["p_holm"] = table.groupby("group", sort=False)["p_value"].transform(holm)
+    return with_holm(pd.DataFrame(out))
+
+
+def with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """A significance table with its `group` column (baseline or ablation) and `p_holm` (Holm within each group)."""
+    from tema.models.tema import ABLATIONS
+
+    if not len(table):
+        return table
+    table = table.drop(columns=["group", "p_holm"], errors="ignore")
+    table.insert(4, "group", ["ablation" if m in ABLATIONS else "baseline" for m in table["model"]])
+    table["p_holm"] = table.groupby("group", sort=False)["p_value"].transform(holm)
     return table
 
 

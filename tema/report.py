@@ -100,12 +100,10 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
     )
     sig_path = root / "reports" / dataset / "significance.csv"
     sig = pd.read_csv(sig_path) if sig_path.is_file() and sig_path.stat().st_size > 1 else pd.DataFrame()
-    if len(sig) and "p_holm" not in sig.columns:  # a table from before the correction was added
-        from tema.evaluate import holm
-        from tema.models.tema import ABLATIONS as _ablations
+    if len(sig) and "p_holm" not in sig.columns:  # a table written before the correction was added
+        from tema.evaluate import with_holm
 
-        sig.insert(4, "group", ["ablation" if m in _ablations else "baseline" for m in sig["model"]])
-        sig["p_holm"] = sig.groupby("group", sort=False)["p_value"].transform(holm)
+        sig = with_holm(sig)
     p_of = {(r.model, r.protocol, r.domain, r.metric): (r.p_value, r.p_holm) for r in sig.itertuples()} if len(sig) else {}
     reference = sig["reference"].iloc[0] if len(sig) else None
     from tema.models.tema import ABLATIONS
