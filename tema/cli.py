@@ -16,7 +16,11 @@ def parse_value(text: str):
 
 
 def profile_params(name: str) -> dict:
-    """The parameters of a profile: the embedded defaults (profiles/default.yaml) overlaid with profiles/<name>.yaml."""
+    """The parameters of a profile: the embedded defaults (profiles/default.yaml) overlaid with profiles/<name>.yaml.
+
+    Mappings merge key by key; any other value of the profile replaces the default's. `evaluations` is filled in
+    (config.evaluations: one table per dataset unless the profile names them).
+    """
     root = config.repo_root()
     base = config.load_params(root / "profiles" / "default.yaml")
     if name != "default":
@@ -25,7 +29,15 @@ def profile_params(name: str) -> dict:
             known = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
             raise SystemExit(f"unknown profile {name!r}: {path} not found; profiles: {known}")
         base = config.deep_merge(base, config.load_params(path))
-    return base
+    # the evaluate stage iterates over `evaluations` (dvc.yaml), so params.yaml always lists them, right after the models
+    tables = config.evaluations(base)
+    out = {}
+    for key, value in base.items():
+        if key != "evaluations":
+            out[key] = value
+        if key == "models":
+            out["evaluations"] = tables
+    return out
 
 
 def apply_profile(name: str) -> Path:

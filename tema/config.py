@@ -64,3 +64,28 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 def dataset_dir(kind: str, dataset: str) -> Path:
     """Where a stage keeps its outputs for one dataset: data/<kind>/<dataset>."""
     return repo_root() / "data" / kind / dataset
+
+
+def evaluations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The tables the evaluate stage writes: name -> {'dataset': ..., 'models': [...]} (reports/<name>/).
+
+    Without an `evaluations` parameter: one table per dataset of `datasets`, named after it, comparing every
+    model of `models`. A profile names its tables when one dataset needs two, as the full profile does for
+    food-kitchen: its main table keeps the default profile's models (so both profiles share that table's
+    dvc.lock entry) and a second table compares TEMA with its ablations.
+    """
+    datasets = get(params, "datasets", list)
+    models = get(params, "models", list)
+    if params.get("evaluations") is None:
+        return {d: {"dataset": d, "models": list(models)} for d in datasets}
+    tables = get(params, "evaluations", dict)
+    for name, spec in tables.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("dataset"), str) or not isinstance(spec.get("models"), list) \
+                or not spec["models"] or set(spec) - {"dataset", "models"}:
+            raise ParamsError(f"params.yaml: 'evaluations.{name}' must be a mapping with 'dataset' (a name) and 'models' (a non-empty list), got {spec!r}")
+        if spec["dataset"] not in datasets:
+            raise ParamsError(f"params.yaml: 'evaluations.{name}.dataset' is {spec['dataset']!r}, which is not among 'datasets' {datasets}")
+        untrained = [m for m in spec["models"] if m not in models]
+        if untrained:
+            raise ParamsError(f"params.yaml: 'evaluations.{name}.models' has {untrained}, which are not among 'models' (the models trained) {models}")
+    return tables

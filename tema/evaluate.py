@@ -1,8 +1,9 @@
-"""Stage `evaluate`: every trained run of a dataset under both protocols, on valid and test.
+"""Stage `evaluate`: the trained runs of one table's models (params `evaluations`) under both protocols, on valid and test.
 
-Outputs: data/eval/<dataset>/per_user.parquet (rank and metrics of every example, model, seed,
-split and protocol: the input of paired tests) and reports/<dataset>/metrics.json (test mean and std
-over seeds, for `dvc metrics show`) with the same numbers in reports/<dataset>/results.csv.
+A table is a dataset and the models it compares; by default one per dataset, named after it (config.evaluations).
+Outputs: data/eval/<table>/per_user.parquet (rank and metrics of every example, model, seed, split and protocol:
+the input of paired tests), reports/<table>/metrics.json (test mean and std over seeds, for `dvc metrics show`)
+with the same numbers in reports/<table>/results.csv, and reports/<table>/significance.csv.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from tema.train import model_params
 from tema.training import TrainConfig, load_run
 
 
-def evaluate_all(dataset_name: str, params: dict[str, Any]) -> pd.DataFrame:
+def evaluate_all(dataset_name: str, params: dict[str, Any], models: list[str]) -> pd.DataFrame:
     cfg = TrainConfig.from_params(params)
-    models = config.get(params, "models", list)
     prepared = config.dataset_dir("prepared", dataset_name)
     dataset = data.load(dataset_name, prepared)
     space_ranges = {d: dataset.domain_range(d) for d in data.DOMAINS}
@@ -121,15 +121,24 @@ def metrics_json(summary: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def run(dataset_name: str, params: dict[str, Any]) -> pd.DataFrame:
-    per_user = evaluate_all(dataset_name, params)
-    eval_dir = config.dataset_dir("eval", dataset_name)
+def table_spec(params: dict[str, Any], table: str) -> dict[str, Any]:
+    tables = config.evaluations(params)
+    if table not in tables:
+        raise config.ParamsError(f"params.yaml: no evaluation table {table!r} under 'evaluations'; tables: {sorted(tables)}")
+    return tables[table]
+
+
+def run(table: str, params: dict[str, Any]) -> pd.DataFrame:
+    """Evaluate one table (a name of config.evaluations; by default a dataset) and write its outputs."""
+    spec = table_spec(params, table)
+    per_user = evaluate_all(spec["dataset"], params, spec["models"])
+    eval_dir = config.dataset_dir("eval", table)
     eval_dir.mkdir(parents=True, exist_ok=True)
     per_user.to_parquet(eval_dir / "per_user.parquet", index=False)
     summary = summarize_seeds(per_user)
-    order = {m: i for i, m in enumerate(config.get(params, "models", list))}
+    order = {m: i for i, m in enumerate(spec["models"])}
     summary = summary.sort_values(["protocol", "domain", "model"], key=lambda c: c.map(order) if c.name == "model" else c)
-    report_dir = config.repo_root() / "reports" / dataset_name
+    report_dir = config.repo_root() / "reports" / table
     report_dir.mkdir(parents=True, exist_ok=True)
     summary.to_csv(report_dir / "results.csv", index=False, float_format="%.6f")
     (report_dir / "metrics.json").write_text(json.dumps(metrics_json(summary), indent=2) + "\n")

@@ -82,23 +82,30 @@ def stats_tables(stats: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("split")
 
 
-def dataset_section(dataset: str, params: dict[str, Any]) -> str:
+def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = True) -> str:
+    """The section of one evaluation table (config.evaluations): its results, significance, curves and stage reports.
+
+    The first table of a dataset also shows the dataset's statistics and the explanations of sample users.
+    """
     root = config.repo_root()
-    models = config.get(params, "models", list)
+    spec = config.evaluations(params)[name]
+    dataset, models = spec["dataset"], spec["models"]
     cfg = TrainConfig.from_params(params)
     stats = json.loads((config.dataset_dir("prepared", dataset) / "stats.json").read_text())
-    summary = pd.read_csv(root / "reports" / dataset / "results.csv")
-    parts = [f'<h2 id="{dataset}">{html.escape(dataset)}</h2>']
+    summary = pd.read_csv(root / "reports" / name / "results.csv")
+    heading = dataset if name == dataset else f"{name} ({dataset})"
+    parts = [f'<h2 id="{html.escape(name)}">{html.escape(heading)}</h2>']
     domains = ", ".join(f"{d} = {html.escape(n)} ({stats['items'][d]:,} items)" for d, n in stats["domains"].items())
-    parts.append(f"<p>Domains: {domains}.</p>")
-    parts.append("<h3>Dataset statistics</h3>" + stats_tables(stats).to_html(classes="table"))
+    parts.append(f"<p>Domains: {domains}. Models compared: {', '.join(html.escape(m) for m in models)}.</p>")
+    if first_of_dataset:
+        parts.append("<h3>Dataset statistics</h3>" + stats_tables(stats).to_html(classes="table"))
     parts.append(
         f"<h3>Test results</h3><p>Mean ± std over {len(cfg.seeds)} seed(s) {list(cfg.seeds)}; each run's checkpoint chosen on "
         "validation (mean full-ranking MRR of the two domains). <b>full</b>: the target ranked among all items of its "
         "domain; <b>sampled-999</b>: among 999 seeded random items of its domain. Ties count against the target. "
         "Best mean per column in bold.</p>"
     )
-    sig_path = root / "reports" / dataset / "significance.csv"
+    sig_path = root / "reports" / name / "significance.csv"
     sig = pd.read_csv(sig_path) if sig_path.is_file() and sig_path.stat().st_size > 1 else pd.DataFrame()
     if len(sig) and "p_holm" not in sig.columns:  # a table written before the correction was added
         from tema.evaluate import with_holm
@@ -108,8 +115,9 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
     reference = sig["reference"].iloc[0] if len(sig) else None
     from tema.models.tema import ABLATIONS
 
-    groups = [("Main results", [m for m in models if m not in ABLATIONS], METRICS)]
+    main = [m for m in models if m not in ABLATIONS]
     ablations = [m for m in models if m in ABLATIONS]
+    groups = [("Main results", main, METRICS)] if main != ["tema"] or not ablations else []  # not TEMA alone
     if ablations:
         groups.append(("Ablations", [m for m in models if m == "tema"] + ablations, ("MRR", "NDCG@10")))
     if reference:
@@ -150,12 +158,13 @@ def dataset_section(dataset: str, params: dict[str, Any]) -> str:
             "Holm-corrected p &lt; 0.05. <i>best baseline</i>: in each column, the baseline with the highest mean "
             "test metric, the strongest opponent in that cell.</p>" + wide.to_html(classes="table")
         )
-    parts.append(img_tag(figure_png(plot_results(summary)), f"{dataset} test MRR"))
-    parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, cfg.seeds)), f"{dataset} curves"))
-    parts.append(explanations_section(dataset, params))
+    parts.append(img_tag(figure_png(plot_results(summary)), f"{name} test MRR"))
+    parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, cfg.seeds)), f"{name} curves"))
+    if first_of_dataset:
+        parts.append(explanations_section(dataset, params))
     links = [("prepare", f"{dataset}/prepare.html")]
     links += [(f"train {m}", f"{dataset}/train-{m}.html") for m in models]
-    links += [("evaluate", f"{dataset}/evaluate.html")]
+    links += [("evaluate", f"{name}/evaluate.html")]
     items = "".join(f'<li><a href="{href}">{html.escape(name)}</a></li>' for name, href in links)
     parts.append(f"<h3>Stage reports</h3><ul>{items}</ul>")
     return "\n".join(parts)
@@ -299,11 +308,16 @@ img { max-width: 100%; }
 
 
 def build_index(params: dict[str, Any]) -> Path:
-    datasets = config.get(params, "datasets", list)
+    tables = config.evaluations(params)
     root = config.repo_root()
-    toc = "".join(f'<li><a href="#{d}">{html.escape(d)}</a></li>' for d in datasets)
+    toc = "".join(f'<li><a href="#{html.escape(t)}">{html.escape(t)}</a></li>' for t in tables)
     toc += '<li><a href="#deviations">Deviations from the published models</a></li>'
-    body = "\n".join(dataset_section(d, params) for d in datasets) + "\n" + deviations_section(params)
+    seen: set[str] = set()
+    sections = []
+    for t, spec in tables.items():
+        sections.append(dataset_section(t, params, first_of_dataset=spec["dataset"] not in seen))
+        seen.add(spec["dataset"])
+    body = "\n".join(sections) + "\n" + deviations_section(params)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>TEMA study: results</title><style>{STYLE}</style></head>
 <body>

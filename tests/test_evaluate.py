@@ -71,3 +71,48 @@ def test_report_names_the_best_baseline_of_each_cell():
     best = sig[(sig["group"] == "baseline") & (sig["metric"] == "MRR")].sort_values("model_mean").iloc[-1]
     assert table.loc["best baseline", "full A MRR"].startswith(f"{best['model']}: ")
     assert table.loc["worse", "full A MRR"].endswith("**")  # p < 1e-6 survives the correction
+
+
+def test_evaluation_tables_default_to_one_per_dataset_and_profiles_can_name_more():
+    params = {"datasets": ["d1", "d2"], "models": ["sasrec", "tema", "tema-no-text"]}
+    assert config.evaluations(params) == {"d1": {"dataset": "d1", "models": ["sasrec", "tema", "tema-no-text"]},
+                                          "d2": {"dataset": "d2", "models": ["sasrec", "tema", "tema-no-text"]}}
+    named = {"main": {"dataset": "d1", "models": ["sasrec", "tema"]}, "abl": {"dataset": "d1", "models": ["tema", "tema-no-text"]}}
+    assert config.evaluations({**params, "evaluations": named}) == named
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"dataset": "d3", "models": ["tema"]}, "'evaluations.t.dataset' is 'd3', which is not among 'datasets'"),
+    ({"dataset": "d1", "models": ["tema", "c2dsr"]}, "'evaluations.t.models' has ['c2dsr'], which are not among 'models'"),
+    ({"dataset": "d1", "models": []}, "'evaluations.t' must be a mapping with 'dataset'"),
+    ({"dataset": "d1", "model": ["tema"]}, "'evaluations.t' must be a mapping with 'dataset'"),
+    (["d1"], "'evaluations.t' must be a mapping with 'dataset'"),
+])
+def test_bad_evaluation_table_names_the_parameter(spec, message):
+    params = {"datasets": ["d1"], "models": ["tema"], "evaluations": {"t": spec}}
+    with pytest.raises(config.ParamsError) as err:
+        config.evaluations(params)
+    assert message in str(err.value)
+
+
+def test_profiles_write_their_tables_and_the_full_profile_shares_the_default_main_table():
+    from tema.cli import profile_params
+    from tema.models.tema import ABLATIONS
+
+    default, full, art = (profile_params(p) for p in ("default", "full", "art-office"))
+    for params in (default, full, art):
+        assert list(params)[list(params).index("models") + 1] == "evaluations"  # dvc.yaml's evaluate iterates over it
+        assert params["evaluations"] == config.evaluations(params)
+    assert list(default["evaluations"]) == ["food-kitchen"] and list(art["evaluations"]) == ["art-office"]
+    # the same table (models) under both profiles: one dvc.lock entry, so switching profiles re-runs nothing there
+    assert full["evaluations"]["food-kitchen"] == default["evaluations"]["food-kitchen"]
+    assert full["evaluations"]["art-office"] == art["evaluations"]["art-office"]
+    ablations = full["evaluations"]["food-kitchen-ablations"]["models"]
+    assert ablations[0] == "tema" and set(ablations[1:]) == {m for m in full["models"] if m in ABLATIONS}
+
+
+def test_unknown_table_names_the_parameter():
+    from tema.evaluate import table_spec
+
+    with pytest.raises(config.ParamsError, match="no evaluation table 'x' under 'evaluations'"):
+        table_spec({"datasets": ["d1"], "models": ["tema"]}, "x")

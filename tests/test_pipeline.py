@@ -57,6 +57,16 @@ def test_smoke_pipeline_reports_every_model_protocol_and_domain(smoke_repo):
         for stage in ["prepare", "evaluate", *(f"train-{m}" for m in MODELS)]:
             assert f'href="{dataset}/{stage}.html"' in index
             assert (smoke_repo / f"reports/{dataset}/{stage}.html").stat().st_size > 10_000
+    # a dataset's second table (the profile's `evaluations`): its own reports and section, only its models
+    ablations = json.loads((smoke_repo / "reports/food-kitchen-ablations/metrics.json").read_text())
+    assert sorted(ablations) == ["tema", "tema-no-tags"]
+    assert ablations["tema"] == json.loads((smoke_repo / "reports/food-kitchen/metrics.json").read_text())["tema"]
+    sig = (smoke_repo / "reports/food-kitchen-ablations/significance.csv").read_text().splitlines()
+    assert len(sig) == 1 + 2 * 2 * 2 and all(",tema-no-tags,ablation," in line for line in sig[1:])
+    assert '<h2 id="food-kitchen-ablations">food-kitchen-ablations (food-kitchen)</h2>' in index
+    assert 'href="food-kitchen-ablations/evaluate.html"' in index
+    assert 'alt="food-kitchen-ablations test MRR"' in index and 'alt="food-kitchen-ablations curves"' in index
+    assert index.count("<h3>Dataset statistics</h3>") == len(DATASETS)
     # executed notebooks carry outputs but no machine paths and no progress-bar noise
     for path, content in report_files(smoke_repo).items():
         text = content.decode("utf-8", errors="ignore")

@@ -37,7 +37,9 @@ def test_constraints_pin_cpu_torch_and_every_dependency(root):
 
 
 def test_params_yaml_is_the_default_profile(root):
-    assert config.load_params(root / "params.yaml") == config.load_params(root / "profiles" / "default.yaml")
+    from tema.cli import profile_params
+
+    assert config.load_params(root / "params.yaml") == profile_params("default")
 
 
 def test_notebooks_have_parameters_cell_and_python3_kernel(root):
