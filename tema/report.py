@@ -165,7 +165,7 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
     links = [("prepare", f"{dataset}/prepare.html")]
     links += [(f"train {m}", f"{dataset}/train-{m}.html") for m in models]
     links += [("evaluate", f"{name}/evaluate.html")]
-    items = "".join(f'<li><a href="{href}">{html.escape(name)}</a></li>' for name, href in links)
+    items = "".join(f'<li><a href="{href}">{html.escape(label)}</a></li>' for label, href in links)
     parts.append(f"<h3>Stage reports</h3><ul>{items}</ul>")
     return "\n".join(parts)
 
