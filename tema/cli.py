@@ -18,8 +18,8 @@ def parse_value(text: str):
 def profile_params(name: str) -> dict:
     """The parameters of a profile: the embedded defaults (profiles/default.yaml) overlaid with profiles/<name>.yaml.
 
-    Mappings merge key by key; any other value of the profile replaces the default's. `evaluations` is filled in
-    (config.evaluations: one table per dataset unless the profile names them).
+    Mappings merge key by key; any other value of the profile replaces the default's. `evaluations` and `pages` are
+    filled in (config.evaluations, config.pages: one table per dataset and one page unless the profile names them).
     """
     root = config.repo_root()
     base = config.load_params(root / "profiles" / "default.yaml")
@@ -29,14 +29,14 @@ def profile_params(name: str) -> dict:
             known = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
             raise SystemExit(f"unknown profile {name!r}: {path} not found; profiles: {known}")
         base = config.deep_merge(base, config.load_params(path))
-    # the evaluate stage iterates over `evaluations` (dvc.yaml), so params.yaml always lists them, right after the models
-    tables = config.evaluations(base)
+    # the evaluate and report stages iterate over `evaluations` and `pages` (dvc.yaml): params.yaml always lists them
+    derived = {"evaluations": config.evaluations(base), "pages": config.pages(base)}
     out = {}
     for key, value in base.items():
-        if key != "evaluations":
+        if key not in derived:
             out[key] = value
         if key == "models":
-            out["evaluations"] = tables
+            out.update(derived)
     return out
 
 

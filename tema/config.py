@@ -89,3 +89,24 @@ def evaluations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if untrained:
             raise ParamsError(f"params.yaml: 'evaluations.{name}.models' has {untrained}, which are not among 'models' (the models trained) {models}")
     return tables
+
+
+def pages(params: dict[str, Any]) -> dict[str, list[str]]:
+    """The report pages: name -> the evaluation tables it shows, in order (reports/<name>.html).
+
+    Without a `pages` parameter: one page, `index` (reports/index.html), with every table. The full profile adds a
+    page of its own and keeps the default profile's index, so switching profiles leaves index.html as it is.
+    """
+    tables = evaluations(params)
+    if params.get("pages") is None:
+        return {"index": list(tables)}
+    out = get(params, "pages", dict)
+    for name, shown in out.items():
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+            raise ParamsError(f"params.yaml: 'pages' has the page name {name!r}; expected letters, digits, '-' or '_'")
+        if not isinstance(shown, list) or not shown:
+            raise ParamsError(f"params.yaml: 'pages.{name}' must be a non-empty list of evaluation tables, got {shown!r}")
+        unknown = [t for t in shown if t not in tables]
+        if unknown:
+            raise ParamsError(f"params.yaml: 'pages.{name}' has {unknown}, which are not tables of 'evaluations' {list(tables)}")
+    return out

@@ -1,8 +1,9 @@
-"""Stage `report`: reports/index.html, the page a reader opens first, and the figures the notebooks share.
+"""Stage `report`: the result pages (params `pages`; reports/index.html, the page a reader opens first, by default
+the only one) and the figures the notebooks share.
 
-The index holds, per dataset: the statistics of the prepared data, the test results (models x
-protocols x domains x metrics, mean ± std over seeds), the training curves, and links to every stage's
-executed notebook as HTML. Figures are embedded as PNG so the page is one self-contained file.
+A page holds, per evaluation table: the statistics of the prepared data (once per dataset), the test results
+(models x protocols x domains x metrics, mean ± std over seeds), significance, the training curves, and links to
+every stage's executed notebook as HTML. Figures are embedded as PNG so the page is one self-contained file.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
         )
     parts.append(img_tag(figure_png(plot_results(summary)), f"{name} test MRR"))
     parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, cfg.seeds)), f"{name} curves"))
-    if first_of_dataset:
+    if first_of_dataset and "tema" in models:
         parts.append(explanations_section(dataset, params))
     links = [("prepare", f"{dataset}/prepare.html")]
     links += [(f"train {m}", f"{dataset}/train-{m}.html") for m in models]
@@ -194,7 +195,7 @@ def significance_table(sig: pd.DataFrame, models: list[str]) -> pd.DataFrame:
     return wide
 
 
-def deviations_section(params: dict[str, Any]) -> str:
+def deviations_section(params: dict[str, Any], models: list[str]) -> str:
     """Per model: the published settings next to ours, and how our implementation departs from the paper's code."""
     import inspect
 
@@ -202,7 +203,7 @@ def deviations_section(params: dict[str, Any]) -> str:
 
     parts = []
     by_module: dict[Any, list[str]] = {}
-    for name in config.get(params, "models", list):
+    for name in models:
         by_module.setdefault(inspect.getmodule(MODELS[name]), []).append(name)
     for module, names in by_module.items():
         name = names[0]
@@ -307,28 +308,33 @@ img { max-width: 100%; }
 """
 
 
-def build_index(params: dict[str, Any]) -> Path:
+def build_page(page: str, params: dict[str, Any]) -> Path:
+    """reports/<page>.html: the sections of the page's evaluation tables (config.pages), then the deviations."""
+    shown = config.pages(params).get(page)
+    if shown is None:
+        raise config.ParamsError(f"params.yaml: no page {page!r} under 'pages'; pages: {sorted(config.pages(params))}")
     tables = config.evaluations(params)
+    models = list(dict.fromkeys(m for t in shown for m in tables[t]["models"]))
     root = config.repo_root()
-    toc = "".join(f'<li><a href="#{html.escape(t)}">{html.escape(t)}</a></li>' for t in tables)
+    toc = "".join(f'<li><a href="#{html.escape(t)}">{html.escape(t)}</a></li>' for t in shown)
     toc += '<li><a href="#deviations">Deviations from the published models</a></li>'
     seen: set[str] = set()
     sections = []
-    for t, spec in tables.items():
-        sections.append(dataset_section(t, params, first_of_dataset=spec["dataset"] not in seen))
-        seen.add(spec["dataset"])
-    body = "\n".join(sections) + "\n" + deviations_section(params)
-    page = f"""<!DOCTYPE html>
+    for t in shown:
+        sections.append(dataset_section(t, params, first_of_dataset=tables[t]["dataset"] not in seen))
+        seen.add(tables[t]["dataset"])
+    body = "\n".join(sections) + "\n" + deviations_section(params, models)
+    text = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>TEMA study: results</title><style>{STYLE}</style></head>
 <body>
 <h1>TEMA study: results</h1>
 <p>Cross-domain sequential recommendation on Amazon benchmarks, reproduced by <code>dvc repro</code>
-(see README.md). Models: {", ".join(html.escape(m) for m in config.get(params, "models", list))}.
-The full notebook of this page: <a href="report.html">report.html</a>.</p>
+(see README.md). Models: {", ".join(html.escape(m) for m in models)}.
+The full notebook of this page: <a href="report-{html.escape(page)}.html">report-{html.escape(page)}.html</a>.</p>
 <ul>{toc}</ul>
 {body}
 </body></html>
 """
-    out = root / "reports" / "index.html"
-    out.write_text(page, encoding="utf-8")
+    out = root / "reports" / f"{page}.html"
+    out.write_text(text, encoding="utf-8")
     return out

@@ -101,7 +101,8 @@ def test_profiles_write_their_tables_and_the_full_profile_shares_the_default_mai
 
     default, full, art = (profile_params(p) for p in ("default", "full", "art-office"))
     for params in (default, full, art):
-        assert list(params)[list(params).index("models") + 1] == "evaluations"  # dvc.yaml's evaluate iterates over it
+        keys = list(params)
+        assert keys[keys.index("models") + 1:keys.index("models") + 3] == ["evaluations", "pages"]  # what dvc.yaml iterates over
         assert params["evaluations"] == config.evaluations(params)
     assert list(default["evaluations"]) == ["food-kitchen"] and list(art["evaluations"]) == ["art-office"]
     # the same table (models) under both profiles: one dvc.lock entry, so switching profiles re-runs nothing there
@@ -109,6 +110,22 @@ def test_profiles_write_their_tables_and_the_full_profile_shares_the_default_mai
     assert full["evaluations"]["art-office"] == art["evaluations"]["art-office"]
     ablations = full["evaluations"]["food-kitchen-ablations"]["models"]
     assert ablations[0] == "tema" and set(ablations[1:]) == {m for m in full["models"] if m in ABLATIONS}
+    # pages likewise: the full and art-office profiles leave the default profile's index.html as it is
+    assert default["pages"] == {"index": ["food-kitchen"]} and full["pages"]["index"] == default["pages"]["index"]
+    assert full["pages"]["full"] == list(full["evaluations"]) and "index" not in art["pages"]
+
+
+def test_pages_default_to_one_index_and_bad_pages_name_the_parameter():
+    params = {"datasets": ["d1"], "models": ["tema", "tema-no-text"],
+              "evaluations": {"main": {"dataset": "d1", "models": ["tema"]}, "abl": {"dataset": "d1", "models": ["tema", "tema-no-text"]}}}
+    assert config.pages(params) == {"index": ["main", "abl"]}
+    assert config.pages({**params, "pages": {"index": ["main"], "more": ["abl", "main"]}}) == {"index": ["main"], "more": ["abl", "main"]}
+    for pages, message in [({"index": ["other"]}, "'pages.index' has ['other'], which are not tables of 'evaluations'"),
+                           ({"index": []}, "'pages.index' must be a non-empty list"),
+                           ({"../x": ["main"]}, "'pages' has the page name '../x'")]:
+        with pytest.raises(config.ParamsError) as err:
+            config.pages({**params, "pages": pages})
+        assert message in str(err.value)
 
 
 def test_unknown_table_names_the_parameter():

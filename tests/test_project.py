@@ -47,8 +47,7 @@ def test_notebooks_have_parameters_cell_and_python3_kernel(root):
         nb = nbformat.read(path, as_version=4)
         assert nb.metadata.kernelspec.name == "python3", path
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path}: commit notebooks without outputs"
-        if path.stem != "report":
-            assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), path
+        assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), path
 
 
 def test_sanitize_strips_timestamps_and_progress_output():

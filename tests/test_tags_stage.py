@@ -269,7 +269,8 @@ def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
     params["tags"]["limit_items"] = 6
     params["tags"]["refine"].update(min_count=1, llm_chunk=10)
     params["tags"]["sources"]["food-kitchen"]["pass2"] = {"mode": "fill", "min_tags": 5, "shortlist": 6}
-    params["evaluations"] = config.evaluations(params)  # what `tema profile` adds: dvc.yaml's evaluate iterates over it
+    params["evaluations"] = config.evaluations(params)  # what `tema profile` adds: dvc.yaml iterates over these
+    params["pages"] = config.pages(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TEMA_PROGRESS": "0",
            "OPENAI_API_KEY": CANARY, "TEMA_CACHE_DIR": str(tmp_path / "cache")}
