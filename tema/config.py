@@ -80,6 +80,7 @@ def evaluations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return {d: {"dataset": d, "models": list(models)} for d in datasets}
     tables = get(params, "evaluations", dict)
     for name, spec in tables.items():
+        check_name("evaluations", name)
         if not isinstance(spec, dict) or not isinstance(spec.get("dataset"), str) or not isinstance(spec.get("models"), list) \
                 or not spec["models"] or set(spec) - {"dataset", "models"}:
             raise ParamsError(f"params.yaml: 'evaluations.{name}' must be a mapping with 'dataset' (a name) and 'models' (a non-empty list), got {spec!r}")
@@ -102,11 +103,16 @@ def pages(params: dict[str, Any]) -> dict[str, list[str]]:
         return {"index": list(tables)}
     out = get(params, "pages", dict)
     for name, shown in out.items():
-        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-            raise ParamsError(f"params.yaml: 'pages' has the page name {name!r}; expected letters, digits, '-' or '_'")
+        check_name("pages", name)
         if not isinstance(shown, list) or not shown:
             raise ParamsError(f"params.yaml: 'pages.{name}' must be a non-empty list of evaluation tables, got {shown!r}")
         unknown = [t for t in shown if t not in tables]
         if unknown:
             raise ParamsError(f"params.yaml: 'pages.{name}' has {unknown}, which are not tables of 'evaluations' {list(tables)}")
     return out
+
+
+def check_name(key: str, name: Any) -> None:
+    """A table or page name becomes a path under reports/ and data/eval/: letters, digits, '-' and '_' only."""
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise ParamsError(f"params.yaml: '{key}' has the name {name!r}; expected letters, digits, '-' or '_'")

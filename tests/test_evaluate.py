@@ -90,6 +90,8 @@ def test_evaluation_tables_default_to_one_per_dataset_and_profiles_can_name_more
 ])
 def test_bad_evaluation_table_names_the_parameter(spec, message):
     params = {"datasets": ["d1"], "models": ["tema"], "evaluations": {"t": spec}}
+    with pytest.raises(config.ParamsError, match="'evaluations' has the name 'a/b'"):
+        config.evaluations({**params, "evaluations": {"a/b": {"dataset": "d1", "models": ["tema"]}}})
     with pytest.raises(config.ParamsError) as err:
         config.evaluations(params)
     assert message in str(err.value)
@@ -122,7 +124,7 @@ def test_pages_default_to_one_index_and_bad_pages_name_the_parameter():
     assert config.pages({**params, "pages": {"index": ["main"], "more": ["abl", "main"]}}) == {"index": ["main"], "more": ["abl", "main"]}
     for pages, message in [({"index": ["other"]}, "'pages.index' has ['other'], which are not tables of 'evaluations'"),
                            ({"index": []}, "'pages.index' must be a non-empty list"),
-                           ({"../x": ["main"]}, "'pages' has the page name '../x'")]:
+                           ({"../x": ["main"]}, "'pages' has the name '../x'")]:
         with pytest.raises(config.ParamsError) as err:
             config.pages({**params, "pages": pages})
         assert message in str(err.value)
