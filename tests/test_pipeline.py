@@ -69,7 +69,7 @@ def test_smoke_pipeline_reports_every_model_protocol_and_domain(smoke_repo):
     assert index.count("<h3>Dataset statistics</h3>") == len(DATASETS)
     # a second page (the profile's `pages`): only its table, and links that work from reports/
     page = (smoke_repo / "reports/ablations.html").read_text()
-    assert '<h2 id="food-kitchen-ablations">' in page and '<h2 id="food-kitchen">' not in page and "art-office" not in page
+    assert '<h2 id="food-kitchen-ablations">' in page and '<h2 id="food-kitchen">' not in page and '<h2 id="art-office">' not in page
     assert 'href="food-kitchen-ablations/evaluate.html"' in page and 'href="report-ablations.html"' in page
     assert (smoke_repo / "reports/report-ablations.html").is_file() and (smoke_repo / "reports/report-index.html").is_file()
     # executed notebooks carry outputs but no machine paths and no progress-bar noise
