@@ -66,6 +66,23 @@ def dataset_dir(kind: str, dataset: str) -> Path:
     return repo_root() / "data" / kind / dataset
 
 
+DEFAULT_TAGS_DIR = "data/tags"
+
+
+def tags_out_dir(params: dict[str, Any]) -> str:
+    """Where the tags stage writes, relative to the repository root: `tags.out_dir`, by default data/tags.
+
+    A limited run (tags.limit_items, as in the smoke profile) must write elsewhere (tema.schema checks it), so that it
+    can never overwrite the full-data tags.
+    """
+    return (params.get("tags") or {}).get("out_dir") or DEFAULT_TAGS_DIR
+
+
+def tags_dir(params: dict[str, Any], dataset: str) -> Path:
+    """A dataset's tags stage outputs: <tags.out_dir>/<dataset>."""
+    return repo_root() / tags_out_dir(params) / dataset
+
+
 def evaluations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The tables the evaluate stage writes: name -> {'dataset': ..., 'models': [...]} (reports/<name>/).
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tema import config, data
+from tema import config, data, schema
 from tema.prepare import load_candidates
 from tema.protocols import METRICS, PROTOCOLS, evaluate_split
 from tema.train import model_params
@@ -130,6 +130,7 @@ def table_spec(params: dict[str, Any], table: str) -> dict[str, Any]:
 
 def run(table: str, params: dict[str, Any]) -> pd.DataFrame:
     """Evaluate one table (a name of config.evaluations; by default a dataset) and write its outputs."""
+    schema.check(params)
     spec = table_spec(params, table)
     per_user = evaluate_all(spec["dataset"], params, spec["models"])
     eval_dir = config.dataset_dir("eval", table)

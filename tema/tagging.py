@@ -5,11 +5,18 @@ settings, item text hash): the prompt hash covers the domain's whole prompt exce
 editing one domain's prompt invalidates exactly that domain's answers. The cache is an append-only
 JSON-lines file, written one finished line at a time and fsynced, so a run killed at any moment
 (SIGKILL included) loses at most the answers in flight and never corrupts what was written: a torn
-last line is ignored on load and cut off before the next append.
+last line is ignored on load and cut off before the next append (and said so on stderr). One run at a
+time writes to a cache: it holds an exclusive lock on the sidecar file <cache>.lock.
+
+Only what an item's answer says is cached as a failure (bad JSON, no usable tag, a 400 for its
+prompt); a fault of the endpoint (unreachable, timeouts, 429/5xx, bodies that are not chat
+completions) is retried, never cached, and when the requests keep failing that way the run stops
+with an EndpointError instead of recording every item as failed.
 """
 
 from __future__ import annotations
 
+import email.utils
 import fcntl
 import hashlib
 import json
@@ -23,9 +30,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
+
+from tema.llm import LLMError
 
 PROMPT_VERSION = "pass1-v2"
 
@@ -59,6 +68,8 @@ SYSTEM = (
 
 MAX_TAG_CHARS = 40
 MAX_TAG_WORDS = 4
+MAX_STORED_CHARS = 2000  # of an answer's text kept in its cache record (the tags are parsed from the whole answer)
+MAX_DETAIL_CHARS = 300  # of a failure's detail, in its cache record and its messages
 
 
 def instruction(domain_name: str, k: int) -> str:
@@ -103,12 +114,20 @@ def normalize_tag(tag: str) -> str:
     return re.sub(r"\s+", " ", tag).strip()
 
 
-class AnswerError(ValueError):
-    """An answer that cannot be used; `reason` is the short name counted in the report."""
+def clip(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters and a marker saying it was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}...[cut: {len(text)} characters in all]"
 
-    def __init__(self, reason: str, detail: str = ""):
+
+class AnswerError(ValueError):
+    """An answer (or a request) that cannot be used; `reason` is the short name counted in the report.
+
+    `attempts` is how many requests were made for it, once the retries are over (0 before).
+    """
+
+    def __init__(self, reason: str, detail: str = "", attempts: int = 0):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail, self.attempts = reason, detail, attempts
 
 
 def parse_tags(content: str | None, finish_reason: str | None, k: int, allowed: frozenset[str] | None = None) -> list[str]:
@@ -143,7 +162,7 @@ def parse_tags(content: str | None, finish_reason: str | None, k: int, allowed: 
 
 @dataclass(frozen=True)
 class Settings:
-    """Generation settings from params.yaml (llm section); they are part of every cache key."""
+    """Generation settings from params.yaml (llm section); those of cache_part() are part of every cache key."""
 
     k: int = 5
     temperature: float = 0.0
@@ -155,6 +174,7 @@ class Settings:
     backoff_s: float = 1.0
     concurrency: int = 4
     json_mode: bool = True
+    max_retry_after_s: float = 60.0  # the longest wait a 429/503's Retry-After header can ask for
 
     def cache_part(self) -> dict[str, Any]:
         return {"k": self.k, "temperature": self.temperature, "max_tokens": self.max_tokens,
@@ -167,16 +187,69 @@ def cache_key(model: str, model_sha256: str | None, domain_name: str, title: str
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-class TagCache:
-    """Append-only JSON lines: one finished answer (or recorded failure) per line, keyed by cache_key."""
+class CacheBusyError(RuntimeError):
+    """Another process is writing to the same answer cache."""
 
-    def __init__(self, path: Path):
+
+_HELD: dict[str, list[int]] = {}  # lock file -> [its descriptor, how many TagCache objects of this process hold it]
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(path: Path) -> Path:
+    """The sidecar lock file of a cache: data/tags-cache/x/pass1.jsonl.lock (not committed)."""
+    return path.with_name(path.name + ".lock")
+
+
+def acquire_run_lock(path: Path) -> str:
+    """Take the cache's exclusive run lock, or fail at once with CacheBusyError; returns the lock's key.
+
+    Re-entrant within a process (the stage opens one cache several times), exclusive between processes.
+    """
+    key = os.path.realpath(lock_path(path))
+    with _HELD_GUARD:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return key
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise CacheBusyError(f"{path}: another run{who} is writing to this answer cache; "
+                                 "wait for it to finish or stop it, then run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = [fd, 1]
+        return key
+
+
+def release_run_lock(key: str) -> None:
+    with _HELD_GUARD:
+        held = _HELD[key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            os.ftruncate(held[0], 0)  # no stale pid for the next holder's rivals to name
+            os.close(held[0])  # releases the flock
+
+
+class TagCache:
+    """Append-only JSON lines: one finished answer (or recorded failure) per line, keyed by cache_key.
+
+    Opening it takes the cache's run lock (see acquire_run_lock) until close() or the process ends;
+    with lock=False it is a read-only snapshot until its first put(), which takes the lock then.
+    """
+
+    def __init__(self, path: Path, lock: bool = True):
         self.path = path
         self.entries: dict[str, dict[str, Any]] = {}
         self.torn_lines = 0
         self.bad_lines = 0
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._run_lock = acquire_run_lock(path) if lock else None
         if path.is_file():
             self._load()
 
@@ -195,6 +268,10 @@ class TagCache:
             if tail:
                 self.torn_lines += 1
                 f.truncate(len(data) - len(tail))  # cut the torn tail so the next append starts clean
+        said = ([f"skipped {self.bad_lines} unreadable line(s)"] if self.bad_lines else []) + \
+               ([f"cut {self.torn_lines} torn last line"] if self.torn_lines else [])
+        if said:
+            print(f"{self.path}: {' and '.join(said)}", file=sys.stderr)
 
     def get(self, key: str) -> dict[str, Any] | None:
         record = self.entries.get(key)
@@ -203,12 +280,27 @@ class TagCache:
     def put(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode()
         with self._lock:
+            if self._run_lock is None:
+                self._run_lock = acquire_run_lock(self.path)
             with open(self.path, "ab") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)  # one whole line at a time, across processes too
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
             self.entries[record["key"]] = record
+
+    def close(self) -> None:
+        """Release this object's hold on the run lock (the lock goes when no object of this process holds it)."""
+        with self._lock:
+            if self._run_lock is not None:
+                release_run_lock(self._run_lock)
+                self._run_lock = None
+
+    def __enter__(self) -> TagCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -226,31 +318,151 @@ class Accounting:
 
 
 RETRYABLE_HTTP = {408, 409, 429, 500, 502, 503, 504}
-
-
-def classify_error(err: Exception) -> str:
-    """A short reason for an exception from the openai client or from answer validation."""
-    import openai
-
-    if isinstance(err, AnswerError):
-        return err.reason
-    if isinstance(err, openai.APITimeoutError):
-        return "timeout"
-    if isinstance(err, openai.APIConnectionError):
-        return "connection_error"
-    if isinstance(err, openai.APIStatusError):
-        return f"http_{err.status_code}"
-    return type(err).__name__
-
-
+ENDPOINT_HTTP = {401, 403, 404}  # not retried, but about the endpoint (key, URL, model name), never about an item
+TRANSPORT_ERRORS = {"timeout", "connection_error", "bad_response"}
 ANSWER_ERRORS = {"truncated", "empty", "malformed_json", "no_tag_list", "no_valid_tag"}
 RETRY_TEMPERATURE = 0.7
 
 
+class EndpointError(LLMError):
+    """The endpoint keeps failing the same way (unreachable, timing out, 5xx...): the run stopped early."""
+
+    def __init__(self, message: str, url: str, reason: str):
+        super().__init__(message)
+        self.url, self.reason = url, reason
+
+
+def snippet(body: Any) -> str:
+    """At most 80 characters of a response body, quoted, on one line."""
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    return repr((body if isinstance(body, str) else json.dumps(body, default=str))[:80])
+
+
+def describe_error(err: Exception) -> tuple[str, str]:
+    """(reason, detail) of an exception from the openai client or from answer validation.
+
+    The detail is in our own words (and at most 80 characters of a body that is not a chat
+    completion); an endpoint's error text is never kept, as it may echo request details.
+    """
+    import openai
+
+    if isinstance(err, AnswerError):
+        return err.reason, err.detail
+    if isinstance(err, openai.APITimeoutError):
+        return "timeout", ""
+    if isinstance(err, openai.APIConnectionError):
+        return "connection_error", ""
+    if isinstance(err, openai.APIStatusError):
+        return f"http_{err.status_code}", ""
+    if isinstance(err, openai.APIResponseValidationError):
+        return "bad_response", f"the HTTP {err.status_code} body is not a chat completion: {snippet(err.response.text)}"
+    if isinstance(err, json.JSONDecodeError):  # the client's, on a body sent as JSON that is not
+        return "bad_response", f"the HTTP 200 body is not JSON: {snippet(err.doc)}"
+    return type(err).__name__, ""
+
+
+def classify_error(err: Exception) -> str:
+    """A short reason for an exception from the openai client or from answer validation."""
+    return describe_error(err)[0]
+
+
+def http_status(reason: str) -> int | None:
+    return int(reason[5:]) if reason.startswith("http_") and reason[5:].isdigit() else None
+
+
+def is_transport(reason: str) -> bool:
+    """A fault of getting an answer at all (retried), as opposed to a fault of the answer."""
+    return reason in TRANSPORT_ERRORS or http_status(reason) in RETRYABLE_HTTP
+
+
+def is_endpoint_failure(reason: str) -> bool:
+    """A failure that says nothing about the item asked: never cached, and a run of them stops the run."""
+    return is_transport(reason) or http_status(reason) in ENDPOINT_HTTP
+
+
 def is_retryable(reason: str) -> bool:
-    if reason.startswith("http_"):
-        return int(reason[5:]) in RETRYABLE_HTTP
-    return reason in {"timeout", "connection_error"} | ANSWER_ERRORS
+    return is_transport(reason) or reason in ANSWER_ERRORS
+
+
+def completion_parts(response: Any) -> tuple[str | None, str | None]:
+    """(content, finish reason) of a chat completion's first choice.
+
+    An HTTP 200 whose body is not a chat completion (the client hands back the text of an HTML page,
+    or a model with no choices list) is a `bad_response`; a completion with no choices is `empty`.
+    """
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list):
+        body = response if isinstance(response, (str, bytes, list, dict)) else getattr(response, "model_extra", None) or {}
+        raise AnswerError("bad_response", f"the HTTP 200 body is not a chat completion: {snippet(body)}")
+    if not choices:
+        raise AnswerError("empty", "no choices")
+    message = getattr(choices[0], "message", None)
+    if message is None or not hasattr(message, "content"):
+        raise AnswerError("bad_response", "a chat completion whose choice has no message")
+    return message.content, getattr(choices[0], "finish_reason", None)
+
+
+def retry_after(err: Exception) -> float | None:
+    """Seconds a 429/503's Retry-After (or retry-after-ms) header asks to wait, if it says; else None."""
+    import openai
+
+    if not isinstance(err, openai.APIStatusError):
+        return None
+    headers = err.response.headers
+    try:
+        if headers.get("retry-after-ms"):
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())  # an HTTP date
+    except (ValueError, TypeError, OverflowError):
+        return None  # unparseable: the usual backoff
+
+
+def retry_delay(err: Exception, settings: Settings, attempt: int) -> float:
+    """What the endpoint asks for (at most max_retry_after_s), else exponential backoff with jitter."""
+    asked = retry_after(err)
+    if asked is not None:
+        return min(asked, settings.max_retry_after_s)
+    return settings.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+
+
+T = TypeVar("T")
+
+
+def request_with_retries(call: Callable[[int, str], T], settings: Settings, acct: Accounting, lock: threading.Lock,
+                         sleep: Callable[[float], None] = time.sleep, retry_answers: bool = True,
+                         stop: threading.Event | None = None) -> tuple[T, int]:
+    """(call(attempt, last reason)'s value, attempts): one request, retried up to settings.max_retries times.
+
+    Transport faults are retried (after the Retry-After asked for, else backoff); bad answers too when
+    `retry_answers`; once `stop` is set (the run is stopping), transport faults no longer are. A
+    request that still fails raises AnswerError(reason, detail, attempts); every attempt and retry
+    is counted in `acct`.
+    """
+    attempt, last_reason = 0, ""
+    while True:
+        attempt += 1
+        with lock:
+            acct.requests += 1
+        try:
+            return call(attempt, last_reason), attempt
+        except Exception as err:  # noqa: BLE001  (every failure is classified, retried or raised)
+            reason, detail = describe_error(err)
+            last_reason = reason
+            retry = (is_transport(reason) and not (stop and stop.is_set())) or (retry_answers and reason in ANSWER_ERRORS)
+            if not retry or attempt > settings.max_retries:
+                raise AnswerError(reason, clip(f"after {attempt} attempt(s): {detail or reason}", MAX_DETAIL_CHARS),
+                                  attempt) from err
+            with lock:
+                acct.retries += 1
+                acct.retry_reasons[reason] = acct.retry_reasons.get(reason, 0) + 1
+            sleep(retry_delay(err, settings, attempt))
 
 
 def pass1_schema(k: int) -> dict[str, Any]:
@@ -270,46 +482,118 @@ class Request:
 
 def ask(client, model: str, messages: list[dict[str, str]], settings: Settings, acct: Accounting,
         lock: threading.Lock, sleep: Callable[[float], None] = time.sleep, schema: dict[str, Any] | None = None,
-        allowed: frozenset[str] | None = None) -> tuple[list[str], dict[str, Any]]:
-    """One item's tags, retrying transient failures with exponential backoff and jitter."""
+        allowed: frozenset[str] | None = None, stop: threading.Event | None = None) -> tuple[list[str], dict[str, Any]]:
+    """One item's tags, retrying transient failures (request_with_retries); raises AnswerError."""
     extra: dict[str, Any] = {}
     if settings.json_mode:  # a schema, not just "some JSON": bounds the list and keeps answers short
         extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "tags", "schema": schema or pass1_schema(settings.k)}}
-    attempt, last_reason = 0, ""
-    while True:
-        attempt += 1
-        with lock:
-            acct.requests += 1
+
+    def call(attempt: int, last_reason: str) -> tuple[list[str], dict[str, Any]]:
         # the same prompt, seed and temperature give the same bad answer again: vary them on a retry
         answer_retry = attempt > 1 and last_reason in ANSWER_ERRORS
+        response = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=settings.max_tokens,
+            temperature=max(settings.temperature, RETRY_TEMPERATURE) if answer_retry else settings.temperature,
+            frequency_penalty=settings.frequency_penalty, seed=settings.seed + attempt - 1, **extra,
+        )
+        usage = getattr(response, "usage", None)
+        tokens_in, tokens_out = getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
+        with lock:
+            acct.tokens_in += tokens_in
+            acct.tokens_out += tokens_out
+        content, finish_reason = completion_parts(response)
+        tags = parse_tags(content, finish_reason, settings.k, allowed)  # from the whole answer, before it is clipped
+        return tags, {"raw": clip(content, MAX_STORED_CHARS), "tokens_in": tokens_in, "tokens_out": tokens_out}
+
+    (tags, info), attempts = request_with_retries(call, settings, acct, lock, sleep, stop=stop)
+    return tags, {**info, "attempts": attempts}
+
+
+STOP_AFTER = 4  # finished requests in a row failing the same endpoint-level way that stop a run
+
+
+def endpoint_url(client: Any) -> str:
+    url = getattr(client, "base_url", None)
+    return str(url).rstrip("/") if url else "the LLM endpoint"
+
+
+NOTHING_CACHED = "nothing was cached for this failure"
+
+
+def endpoint_problem(err: AnswerError) -> str:
+    """What is wrong with the endpoint, from the failure that stopped the run, and what to do."""
+    status = http_status(err.reason)
+    tries = f"after {err.attempts} attempt(s)"
+    if err.reason == "connection_error":
+        return f"unreachable (connection_error {tries}); {NOTHING_CACHED}, set OPENAI_BASE_URL to a running endpoint"
+    if err.reason == "timeout":
+        return f"no answer in time (timeout {tries}); {NOTHING_CACHED}, check the endpoint or raise llm.timeout_s"
+    if status in (401, 403):
+        return f"refuses the request (HTTP {status}); {NOTHING_CACHED}, check OPENAI_API_KEY"
+    if status == 404:
+        return f"answers HTTP 404; {NOTHING_CACHED}, check OPENAI_BASE_URL (it usually ends in /v1) and llm.model"
+    if err.reason == "bad_response":
+        detail = err.detail.split(": ", 1)[-1]  # without the "after n attempt(s)" prefix, said before it
+        return f"answers that are not chat completions (bad_response {tries}: {detail}); {NOTHING_CACHED}"
+    return f"keeps failing ({err.reason} {tries}); {NOTHING_CACHED}, run again once the endpoint is well"
+
+
+class EndpointWatch:
+    """Stops a run whose finished requests keep failing the same endpoint-level way.
+
+    `finished(error or None)` is called for each request as it finishes; after min(todo, STOP_AFTER)
+    in a row failing for one such reason it sets `stop` (requests in flight stop retrying) and raises
+    EndpointError, one line naming the endpoint's URL and the reason.
+    """
+
+    def __init__(self, client: Any, todo: int):
+        self.client, self.needed = client, max(1, min(todo, STOP_AFTER))
+        self.reason, self.streak = "", 0
+        self.stop = threading.Event()
+
+    def finished(self, err: AnswerError | None) -> None:
+        if err is None or not is_endpoint_failure(err.reason):
+            self.reason, self.streak = "", 0
+            return
+        self.streak = self.streak + 1 if err.reason == self.reason else 1
+        self.reason = err.reason
+        if self.streak >= self.needed:
+            self.stop.set()
+            url = endpoint_url(self.client)
+            message = f"{url}: {endpoint_problem(err)}"
+            key = getattr(self.client, "api_key", None)
+            if isinstance(key, str) and len(key) >= 8:
+                message = message.replace(key, "***")  # a body quoted in the detail might echo it
+            raise EndpointError(message, url, err.reason)
+
+
+class RequestRun:
+    """One run's requests to one client: `settings.concurrency` in flight, each through
+    request_with_retries (counted in `acct`, under `lock`), watched by an EndpointWatch."""
+
+    def __init__(self, client: Any, settings: Settings, todo: int, sleep: Callable[[float], None] = time.sleep,
+                 acct: Accounting | None = None):
+        self.client, self.settings, self.sleep = client, settings, sleep
+        self.acct, self.lock = acct or Accounting(), threading.Lock()
+        self.watch = EndpointWatch(client, todo)
+
+    def request(self, call: Callable[[int, str], T], retry_answers: bool = True) -> tuple[T, int]:
+        return request_with_retries(call, self.settings, self.acct, self.lock, self.sleep, retry_answers, self.watch.stop)
+
+    def run(self, job: Callable[..., AnswerError | None], args: Iterable[tuple],
+            on_finished: Callable[[], None] | None = None) -> None:
+        """job(*a) for each a of `args`, returning its request's error or None; raises EndpointError
+        (dropping the queued jobs, finishing those in flight) when the watch says so."""
+        pool = ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency))
         try:
-            response = client.chat.completions.create(
-                model=model, messages=messages, max_tokens=settings.max_tokens,
-                temperature=max(settings.temperature, RETRY_TEMPERATURE) if answer_retry else settings.temperature,
-                frequency_penalty=settings.frequency_penalty, seed=settings.seed + attempt - 1, **extra,
-            )
-            usage = response.usage
-            with lock:
-                acct.tokens_in += getattr(usage, "prompt_tokens", 0) or 0
-                acct.tokens_out += getattr(usage, "completion_tokens", 0) or 0
-            if not response.choices:
-                raise AnswerError("empty", "no choices")
-            choice = response.choices[0]
-            content = choice.message.content if choice.message else None
-            tags = parse_tags(content, choice.finish_reason, settings.k, allowed)
-            return tags, {"raw": content, "attempts": attempt,
-                          "tokens_in": getattr(usage, "prompt_tokens", 0) or 0,
-                          "tokens_out": getattr(usage, "completion_tokens", 0) or 0}
-        except Exception as err:  # noqa: BLE001  (every failure is classified, retried or recorded)
-            reason = last_reason = classify_error(err)
-            if not is_retryable(reason) or attempt > settings.max_retries:
-                # only our own validation messages are kept: an endpoint's error text may echo request details
-                detail = str(err)[:200] if isinstance(err, AnswerError) else reason
-                raise AnswerError(reason, f"after {attempt} attempt(s): {detail}") from err
-            with lock:
-                acct.retries += 1
-                acct.retry_reasons[reason] = acct.retry_reasons.get(reason, 0) + 1
-            sleep(settings.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+            futures = [pool.submit(job, *a) for a in args]
+            for future in as_completed(futures):
+                error = future.result()
+                if on_finished:
+                    on_finished()
+                self.watch.finished(error)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: finish the requests in flight, drop the rest
 
 
 @dataclass(frozen=True)
@@ -342,10 +626,13 @@ def tag_items(
 
     get_client() is called only if some item is not cached, so a complete cache needs no LLM at all.
     `request(item)` makes each item's question; by default pass 1's open tagging (`pass1_request`).
-    Returns (tags by item, failure reason by item, accounting). Failures do not stop the run.
+    Returns (tags by item, failure reason by item, accounting). An item's failure does not stop the run
+    (it is cached if its answer was at fault, so the report counts it; it is asked again next run);
+    requests that keep failing for the endpoint's sake do (EndpointWatch): EndpointError, with the
+    answers finished until then cached.
     """
     items = list(items)
-    acct, lock = Accounting(), threading.Lock()
+    acct = Accounting()
     tags: dict[int, list[str]] = {}
     failures: dict[int, str] = {}
     todo = []
@@ -363,34 +650,39 @@ def tag_items(
     bar = tqdm(total=len(todo), desc=desc, unit="item", file=sys.stderr, mininterval=5,
                disable=not progress or os.environ.get("TEMA_PROGRESS") == "0")
 
-    def one(req: Request, item: Item) -> None:
+    runner = RequestRun(client, settings, len(todo), sleep, acct)
+    lock = runner.lock
+
+    def one(req: Request, item: Item) -> AnswerError | None:
         key = req.key
         t0 = time.perf_counter()
         try:
-            result, info = ask(client, model, req.messages, settings, acct, lock, sleep, req.schema, req.allowed)
+            result, info = ask(client, model, req.messages, settings, acct, lock, sleep, req.schema, req.allowed,
+                               runner.watch.stop)
         except AnswerError as err:
-            cache.put({"key": key, "item_id": item.item_id, "status": "failed", "reason": err.reason, "detail": str(err)[:300]})
+            if not is_endpoint_failure(err.reason):  # the item's own answer was at fault: recorded
+                cache.put({"key": key, "item_id": item.item_id, "status": "failed", "reason": err.reason,
+                           "detail": clip(str(err), MAX_DETAIL_CHARS)})
             with lock:
                 failures[item.item_id] = err.reason
                 acct.failed += 1
                 acct.failure_reasons[err.reason] = acct.failure_reasons.get(err.reason, 0) + 1
-            return
+            return err
         cache.put({"key": key, "item_id": item.item_id, "status": "ok", "tags": result, "model": model,
                    "seconds": round(time.perf_counter() - t0, 3), **info})
         with lock:
             tags[item.item_id] = result
             acct.answered += 1
+        return None
 
-    pool = ThreadPoolExecutor(max_workers=max(1, settings.concurrency))
+    def finished() -> None:
+        bar.update(1)
+        elapsed = max(1e-9, time.perf_counter() - started)
+        bar.set_postfix(tok_out_s=f"{acct.tokens_out / elapsed:.0f}", failed=acct.failed, refresh=False)
+
     try:
-        futures = [pool.submit(one, req, item) for req, item in todo]
-        for future in as_completed(futures):
-            future.result()
-            bar.update(1)
-            elapsed = max(1e-9, time.perf_counter() - started)
-            bar.set_postfix(tok_out_s=f"{acct.tokens_out / elapsed:.0f}", failed=acct.failed, refresh=False)
+        runner.run(one, todo, finished)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: finish the requests in flight, drop the rest
         bar.close()
         acct.wall_seconds = time.perf_counter() - started
     return dict(sorted(tags.items())), dict(sorted(failures.items())), acct  # item order, whatever finished first

@@ -26,11 +26,11 @@ import csv
 import gzip
 import hashlib
 import json
-import random
+import os
+import shutil
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tema import config, data
-from tema.tagging import (ANSWER_ERRORS, PROMPT_VERSION, AnswerError, Item, Request, Settings, TagCache, cache_key, classify_error,
-                          is_retryable, normalize_tag, product_block, prompt_hash, tag_items)
+from tema import config, data, schema
+from tema.tagging import (PROMPT_VERSION, AnswerError, Item, Request, RequestRun, Settings, TagCache, cache_key, completion_parts,
+                          is_endpoint_failure, normalize_tag, product_block, prompt_hash, tag_items)
 
 REFINE_VERSION = "refine-v2"  # v1 (free-form merge map) made the 0.5B model echo its example
 REFINE_MAX_PAIRS = 10  # synonym pairs per chunk answer
@@ -184,10 +184,13 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
                settings: Settings, cache: TagCache, sleep=time.sleep) -> tuple[dict[str, str], set[str], dict[str, int]]:
     """Ask the LLM, chunk by chunk, which tags are synonyms and which are vague; answers are validated.
 
-    Chunks not in the cache go out `settings.concurrency` at a time (the server's parallel slots);
-    transport faults (timeouts, refused connections, 429/5xx) are retried with backoff, and an unusable
-    answer leaves its chunk unmerged, recorded as failed and asked again on the next run. Answers are
-    applied in chunk order, so the result does not depend on which request finished first.
+    Chunks not in the cache go out `settings.concurrency` at a time (the server's parallel slots),
+    through pass 1's request loop (tema.tagging.RequestRun): transport faults (timeouts, refused
+    connections, 429/5xx, bodies that are not chat completions) are retried with backoff or after the
+    Retry-After asked for, and never cached; when they keep coming the refinement stops with
+    EndpointError. An unusable answer leaves its chunk unmerged, recorded as failed and asked again on
+    the next run. Answers are applied in chunk order, so the result does not depend on which request
+    finished first.
     The answer is asked under a JSON schema over the chunk's own tags, bounded in length; a synonym pair
     merges into its more frequent tag (the chunk lists tags most frequent first). Self-pairs are counted
     as trivial; pairs naming tags outside the chunk, or making chains of merges, are ignored and counted.
@@ -200,53 +203,47 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
         key = hashlib.sha256(json.dumps([REFINE_VERSION, model, model_sha256, messages, settings.seed,
                                          settings.json_mode]).encode()).hexdigest()[:24]
         keyed.append((part, messages, key))
+    todo = [k for k in keyed if cache.get(k[2]) is None]
     # the client is made once, before any thread, and only if some chunk is not cached yet
-    client = get_client() if any(cache.get(key) is None for _, _, key in keyed) else None
+    client = get_client() if todo else None
+    runner = RequestRun(client, settings, len(todo), sleep)
 
-    def answer(part: list[str], messages: list[dict[str, str]], key: str) -> dict[str, Any] | None:
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
-        attempt = 0
-        while True:
-            attempt += 1
+    def answer(part: list[str], messages: list[dict[str, str]], key: str) -> AnswerError | None:
+        fmt = ({"type": "json_schema", "json_schema": {"name": "refine", "schema": refine_schema(part)}}
+               if settings.json_mode else {"type": "json_object"})
+
+        def call(attempt: int, last_reason: str) -> dict[str, Any]:
+            response = client.chat.completions.create(
+                model=model, messages=messages, temperature=0.0, max_tokens=REFINE_MAX_TOKENS,
+                response_format=fmt, seed=settings.seed,
+            )
+            content, finish_reason = completion_parts(response)
+            if not content:
+                raise AnswerError("empty")
+            if finish_reason == "length":
+                raise AnswerError("truncated")
             try:
-                fmt = ({"type": "json_schema", "json_schema": {"name": "refine", "schema": refine_schema(part)}}
-                       if settings.json_mode else {"type": "json_object"})
-                response = client.chat.completions.create(
-                    model=model, messages=messages, temperature=0.0, max_tokens=REFINE_MAX_TOKENS,
-                    response_format=fmt, seed=settings.seed,
-                )
-                choice = response.choices[0] if response.choices else None
-                if choice is None or not (choice.message and choice.message.content):
-                    raise AnswerError("empty")
-                if choice.finish_reason == "length":
-                    raise AnswerError("truncated")
-                try:
-                    value = json.loads(choice.message.content)
-                except ValueError as err:
-                    raise AnswerError("malformed_json", str(err)) from err
-                if not isinstance(value, dict):
-                    raise AnswerError("no_tag_list", "not a JSON object")
-            except Exception as err:  # noqa: BLE001  (classified: transport faults retried, bad answers recorded)
-                reason = classify_error(err)
-                if reason not in ANSWER_ERRORS and is_retryable(reason) and attempt <= settings.max_retries:
-                    sleep(settings.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
-                    continue
-                cache.put({"key": key, "status": "failed", "reason": reason, "domain": domain_name})
-                return None
-            hit = {"key": key, "status": "ok", "domain": domain_name, "answer": value}
-            cache.put(hit)
-            return hit
+                value = json.loads(content)
+            except ValueError as err:
+                raise AnswerError("malformed_json", str(err)) from err
+            if not isinstance(value, dict):
+                raise AnswerError("no_tag_list", "not a JSON object")
+            return value
 
+        try:  # a bad answer is not asked again at once: the same prompt at temperature 0 gives it again
+            value, _ = runner.request(call, retry_answers=False)
+        except AnswerError as err:
+            if not is_endpoint_failure(err.reason):  # the answer was at fault: recorded, asked again next run
+                cache.put({"key": key, "status": "failed", "reason": err.reason, "detail": str(err), "domain": domain_name})
+            return err
+        cache.put({"key": key, "status": "ok", "domain": domain_name, "answer": value})
+        return None
+
+    runner.run(answer, todo)
+    hits = [cache.get(key) for _, _, key in keyed]
     merges: dict[str, str] = {}
     drops: set[str] = set()
     counts = {"chunks": len(parts), "failed_chunks": 0, "merges": 0, "drops": 0, "trivial": 0, "ignored": 0}
-    pool = ThreadPoolExecutor(max_workers=max(1, settings.concurrency))
-    try:
-        hits = list(pool.map(lambda k: answer(*k), keyed))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: finish the requests in flight, drop the rest
     for (part, _, _), hit in zip(keyed, hits):
         if hit is None:
             counts["failed_chunks"] += 1
@@ -520,8 +517,33 @@ def cache_accounting(cache: TagCache, items: list[Item], model: str, model_sha25
     return totals
 
 
+class CoverageError(data.DataError):
+    """A run tagged fewer items than tags.min_coverage asks: its outputs are not written."""
+
+
+def check_coverage(where: str, tagged: int, asked: int, minimum: float, failures: dict[int, str]) -> None:
+    """Refuse a run whose share of tagged items is below `minimum` (the committed tags stay as they are)."""
+    share = tagged / max(1, asked)
+    if share < minimum:
+        reasons = ", ".join(f"{r} {n}" for r, n in Counter(failures.values()).most_common(3)) or "no failures recorded"
+        raise CoverageError(f"{where}: {tagged:,} of {asked:,} items tagged ({share:.1%}), below tags.min_coverage "
+                            f"{minimum:.0%}; nothing was written (failures: {reasons})")
+
+
 def write_outputs(out: Path, dataset: data.Dataset, pass1, failures, vocab, item_tags, provenance, accounting) -> None:
+    """Write the stage's files beside `out`, then move each into place: no file of `out` is ever partly written."""
     out.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    try:
+        _write_files(tmp, dataset, pass1, failures, vocab, item_tags, provenance, accounting)
+        for name in OUTPUT_FILES:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_files(out: Path, dataset: data.Dataset, pass1, failures, vocab, item_tags, provenance, accounting) -> None:
     domain = dataset.items["domain"].to_numpy()
     rows = sorted(pass1)
     pd.DataFrame({"item_id": rows, "domain": domain[rows], "tags": [json.dumps(pass1[i], ensure_ascii=False) for i in rows]}) \
@@ -536,33 +558,51 @@ def write_outputs(out: Path, dataset: data.Dataset, pass1, failures, vocab, item
     (out / "accounting.json").write_text(json.dumps(accounting, indent=2, sort_keys=True) + "\n")
 
 
-def load_item_tags(dataset_name: str) -> pd.DataFrame:
-    """item_id, domain, tags (list of [tag, llm_rank]) as written by the stage."""
-    path = config.dataset_dir("tags", dataset_name) / "item_tags.tsv"
+def load_item_tags(tag_dir: Path) -> pd.DataFrame:
+    """item_id, domain, tags (list of [tag, llm_rank]) as written by the stage into `tag_dir` (config.tags_dir)."""
+    path = tag_dir / "item_tags.tsv"
     table = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE)
     table["tags"] = table["tags"].map(json.loads)
     return table
 
 
 def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None) -> dict[str, Any]:
-    """Pass 1 only: fill the answer cache (the long, resumable part; `tema tags generate`)."""
+    """Pass 1 only: fill the answer cache (the long, resumable part; `tema tags generate`).
+
+    Raises EndpointError when the endpoint cannot be reached, CacheBusyError when another run holds the cache.
+    """
     from tema import llm
 
+    schema.check(params)
+    if limit is not None and limit < 1:
+        raise config.ParamsError(f"--limit: expected an integer >= 1 (items per domain), got {limit}")
     settings = settings_from_params(params)
     dataset = data.read_raw(dataset_name, config.repo_root() / "data" / "raw")
-    cache = TagCache(config.dataset_dir("tags-cache", dataset_name) / "pass1.jsonl")
-    with llm.LazyEndpoint(params, settings.timeout_s) as ep:
+    with TagCache(config.dataset_dir("tags-cache", dataset_name) / "pass1.jsonl") as cache, \
+            llm.LazyEndpoint(params, settings.timeout_s) as ep:
         _, failures, acct = tag_items(items_to_tag(dataset, limit), ep.client, ep.model, ep.model_sha256, settings, cache)
     return {**asdict(acct), "failures": len(failures)}
 
 
 def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Execute the stage for one dataset; returns the provenance and accounting it wrote."""
+    """Execute the stage for one dataset; returns the provenance and accounting it wrote.
+
+    Nothing is written unless the run succeeds with at least tags.min_coverage of its items tagged: an endpoint that
+    cannot be reached (EndpointError), a busy cache (CacheBusyError) or a low coverage (CoverageError) leave the
+    previous outputs in config.tags_dir as they were.
+    """
     from tema import llm
 
-    source = config.get(params, f"tags.sources.{dataset_name}", dict)
-    refine = config.get(params, "tags.refine", dict)
-    limit = config.get(params, "tags.limit_items", (int, type(None)))
+    schema.check(params)
+    if dataset_name not in (params["tags"]["sources"]):
+        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}: missing; expected the tag source of {dataset_name}")
+    source = params["tags"]["sources"][dataset_name]
+    refine = params["tags"]["refine"]
+    limit = params["tags"]["limit_items"]
+    min_coverage = params["tags"]["min_coverage"]
+    out = config.tags_dir(params, dataset_name)
+    if source["kind"] == "external" and not (config.repo_root() / source["file"]).is_file():
+        raise data.DataError(f"{source['file']}: not found (tags.sources.{dataset_name}.file); expected the external tag file")
     dataset = data.read_raw(dataset_name, config.repo_root() / "data" / "raw")
     domain_of = dict(zip(dataset.items["item_id"].tolist(), dataset.items["domain"].tolist()))
     settings = settings_from_params(params)
@@ -586,8 +626,10 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
             accounting: dict[str, Any] = {"items": dataset.n_items, "tagged": len(pass1), "failed": len(failures)}
             vocab, merges, refine_report = refine_vocabulary(pass1, domain_of, refine, encode)
         else:
-            pass1, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, settings, TagCache(caches / "pass1.jsonl"))
-            refine_cache = TagCache(caches / "refine.jsonl")
+            pass1_cache = stack.enter_context(TagCache(caches / "pass1.jsonl"))
+            pass1, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, settings, pass1_cache)
+            check_coverage(f"{dataset_name} pass 1", len(pass1), len(items), min_coverage, failures)  # before hours of refinement
+            refine_cache = stack.enter_context(TagCache(caches / "refine.jsonl"))
 
             def llm_step(domain, tags):
                 return llm_refine(ep.client, ep.model, ep.model_sha256, dataset.domain_names[domain], tags,
@@ -597,7 +639,7 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
             provenance = {"source": "llm", "endpoint_model": ep.model, "model_sha256": ep.model_sha256,
                           "endpoint": "embedded" if ep.model_sha256 else "OPENAI_BASE_URL",
                           "prompts": prompt_provenance(dataset, settings), "settings": settings.cache_part()}
-            accounting = cache_accounting(TagCache(caches / "pass1.jsonl"), items, ep.model, ep.model_sha256, settings)
+            accounting = cache_accounting(pass1_cache, items, ep.model, ep.model_sha256, settings)
             print(f"this run: {acct.answered} answered, {acct.cached} from the cache, {acct.failed} failed, "
                   f"{acct.requests} requests in {acct.wall_seconds:.0f} s", file=sys.stderr)
         item_tags, mapping = map_to_vocabulary(pass1, domain_of, vocab, merges, encode, refine["map_similarity"])
@@ -605,7 +647,9 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
                            "text_encoder": config.get(params, "features.text_encoder", str)})
         if pass2["mode"] != "map":
             item_tags, provenance["pass2"] = llm_pass2(items, domain_of, vocab, item_tags, encode, pass2, ep.client, ep.model,
-                                                       ep.model_sha256, settings, TagCache(caches / "pass2.jsonl"))
+                                                       ep.model_sha256, settings, stack.enter_context(TagCache(caches / "pass2.jsonl")))
             provenance["pass2"].update(endpoint_model=ep.model, model_sha256=ep.model_sha256, prompt_version=RETAG_VERSION)
-    write_outputs(config.dataset_dir("tags", dataset_name), dataset, pass1, failures, vocab, item_tags, provenance, accounting)
+    tagged = sum(1 for item in items if item_tags.get(item.item_id))
+    check_coverage(str(out.relative_to(config.repo_root())), tagged, len(items), min_coverage, failures)
+    write_outputs(out, dataset, pass1, failures, vocab, item_tags, provenance, accounting)
     return {"provenance": provenance, "accounting": accounting}

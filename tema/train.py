@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from tema import config, data
+from tema import config, data, schema
 from tema.training import TrainConfig, data_fingerprint, train_run
 
 
@@ -42,6 +42,7 @@ def run(dataset_name: str, model: str, params: dict[str, Any]) -> pd.DataFrame:
     threads: on a few CPU cores that uses them better than one run with more threads. A seed that fails
     does not stop the others; its error is raised once they have finished (finished seeds are kept).
     """
+    schema.check(params)
     cfg = TrainConfig.from_params(params)
     hyper = model_params(params, model, dataset_name)
     prepared = config.dataset_dir("prepared", dataset_name)

@@ -166,11 +166,15 @@ def train_run(
     marker = out_dir / "run.json"
     fp = fingerprint(model_name, hyper, cfg, seed, data_hash)
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        try:
+            done = json.loads(marker.read_text())
+        except ValueError:
+            done = {}  # unreadable: not a finished run
         if done.get("fingerprint") == fp and (out_dir / "model.pt").is_file():
             print(f"{model_name} seed {seed}: already trained (fingerprint {fp}), reusing", file=sys.stderr)
             return done
-        marker.unlink()  # stale: parameters or data changed
+        # stale (parameters, data or code changed): kept until the new run has finished, so a run that fails
+        # (a bad setting, an interrupt) leaves the old one usable when the old settings come back
 
     torch.set_num_threads(cfg.num_threads)
     seed_everything(seed)
@@ -235,16 +239,19 @@ def train_run(
             if epoch - best_epoch >= cfg.patience:
                 break
 
-    torch.save(best_state, out_dir / "model.pt")
-    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
     result = {
         "model": model_name, "seed": seed, "fingerprint": fp, "best_epoch": best_epoch,
         "best_valid_score": best_score, "epochs_run": len(history) if model.trainable else 0,
         "train_seconds": time.perf_counter() - started, "device": str(device),
     }
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, marker)  # the run counts as finished only once this lands
+    # every file is written aside first; the old marker goes only once they are complete, and the run counts as
+    # finished only once the new marker lands (a crash in between leaves no marker: the seed trains again)
+    torch.save(best_state, out_dir / "model.pt.tmp")
+    pd.DataFrame(history).to_csv(out_dir / "history.csv.tmp", index=False)
+    (out_dir / "run.json.tmp").write_text(json.dumps(result, indent=2))
+    marker.unlink(missing_ok=True)
+    for name in ("model.pt", "history.csv", "run.json"):  # run.json last
+        os.replace(out_dir / f"{name}.tmp", out_dir / name)
     return result
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tema import config, data
+from tema import config, data, schema
 from tema.train import model_params, train_parallel
 from tema.training import TrainConfig, data_fingerprint, train_run
 
@@ -225,6 +225,7 @@ def fragment(table: pd.DataFrame, params: dict[str, Any]) -> dict[str, dict[str,
 
 def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = None, trials: int | None = None) -> pd.DataFrame:
     """The search for `models` (default: params' models but TEMA's ablations) on one dataset; writes the reports."""
+    schema.check(params)
     from tema.models.tema import ABLATIONS
 
     if models:

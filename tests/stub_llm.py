@@ -1,8 +1,13 @@
 """A loopback stub of an OpenAI-compatible chat endpoint that injects scripted faults (tests only).
 
 Answers are deterministic tags made from the item's title words, so tests can check what came back.
-`faults` maps a title substring to a list of behaviours consumed one per request for that title:
-ok, http_429, http_500, timeout, malformed, empty, truncated, no_tags, drop (close the connection).
+`faults` maps a title substring to a list of behaviours consumed one per request for that title
+(`default` is the behaviour of every other request):
+ok, http_<status> (e.g. http_429, http_503), timeout, malformed, empty, truncated, no_tags,
+drop (close the connection), garbage (HTTP 200 with an HTML body), not_completion (HTTP 200 with a JSON
+body that is not a chat completion), huge (a valid answer of about 80 KB), or a dict
+{"status": 429, "headers": {"Retry-After": "5"}, "body": "..."} for any status, response headers and
+body (by default a JSON error).
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ def title_tags(prompt: str) -> list[str]:
     return [w for w in words if len(w) > 2][:5] or ["misc"]
 
 
+HUGE_CHARS = 80_000
+GARBAGE = b"<html>oops</html>"
+
+
 class StubLLM:
-    def __init__(self, faults: dict[str, list[str]] | None = None, delay: float = 0.0):
+    def __init__(self, faults: dict[str, list] | None = None, delay: float = 0.0, default: str | dict = "ok"):
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.delay = delay
+        self.default = default
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.lock = threading.Lock()
@@ -50,7 +60,7 @@ class StubLLM:
                 with stub.lock:
                     stub.requests.append(request)
                     stub.headers.append({k.lower(): v for k, v in self.headers.items()})
-                    behaviour = "ok"
+                    behaviour = stub.default
                     for needle, queue in stub.faults.items():
                         if needle in prompt and queue:
                             behaviour = queue.pop(0)
@@ -62,8 +72,16 @@ class StubLLM:
                     return
                 if behaviour == "timeout":
                     time.sleep(3)
+                if isinstance(behaviour, dict):
+                    body = behaviour.get("body", {"error": {"message": f"http_{behaviour['status']}"}})
+                    return self.reply(behaviour["status"], body.encode() if isinstance(body, str) else body,
+                                      behaviour.get("headers", {}))
                 if behaviour.startswith("http_"):
                     return self.reply(int(behaviour[5:]), {"error": {"message": behaviour}})
+                if behaviour == "garbage":
+                    return self.reply(200, GARBAGE, {"Content-Type": "text/html"})
+                if behaviour == "not_completion":
+                    return self.reply(200, {"hello": "world"})
                 content = {
                     "ok": json.dumps({"tags": title_tags(prompt)}),
                     "timeout": json.dumps({"tags": title_tags(prompt)}),
@@ -71,6 +89,7 @@ class StubLLM:
                     "empty": "",
                     "truncated": '{"tags": ["a", "b"',
                     "no_tags": json.dumps({"labels": 3}),
+                    "huge": json.dumps({"tags": title_tags(prompt), "notes": "x" * HUGE_CHARS}),
                 }[behaviour]
                 finish = "length" if behaviour == "truncated" else "stop"
                 self.reply(200, {
@@ -80,11 +99,13 @@ class StubLLM:
                               "total_tokens": len(prompt) // 4 + len(content) // 4},
                 })
 
-            def reply(self, status, payload):
-                body = json.dumps(payload).encode()
+            def reply(self, status, payload, headers=None):
+                body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                headers = {"Content-Type": "application/json", **(headers or {})}
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)

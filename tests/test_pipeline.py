@@ -82,6 +82,16 @@ def test_smoke_pipeline_reports_every_model_protocol_and_domain(smoke_repo):
 
 
 @pytest.mark.slow
+def test_the_smoke_run_leaves_the_full_data_tags_alone(smoke_repo, root):
+    from tema.tags import OUTPUT_FILES
+
+    for dataset in DATASETS:  # the smoke profile tags 40 items per domain: into data/tags-smoke, never data/tags
+        for name in OUTPUT_FILES:
+            assert (smoke_repo / "data/tags" / dataset / name).read_bytes() == (root / "data/tags" / dataset / name).read_bytes()
+        assert len((smoke_repo / "data/tags-smoke" / dataset / "item_tags.tsv").read_text().splitlines()) <= 1 + 2 * 40
+
+
+@pytest.mark.slow
 def test_second_repro_does_nothing_and_forced_repro_is_byte_identical(smoke_repo):
     before = report_files(smoke_repo)
     out = sh("dvc", "repro", cwd=smoke_repo)

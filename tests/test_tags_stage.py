@@ -267,6 +267,7 @@ def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
     params = yaml.safe_load((repo / "profiles" / "default.yaml").read_text())
     params["tag_datasets"] = ["food-kitchen"]
     params["tags"]["limit_items"] = 6
+    params["tags"]["out_dir"] = "data/tags-limited"  # a limited run never writes over data/tags
     params["tags"]["refine"].update(min_count=1, llm_chunk=10)
     params["tags"]["sources"]["food-kitchen"]["pass2"] = {"mode": "fill", "min_tags": 5, "shortlist": 6}
     params["evaluations"] = config.evaluations(params)  # what `tema profile` adds: dvc.yaml iterates over these
@@ -283,7 +284,7 @@ def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
         # forcing the stage again re-uses every cached answer: no request reaches the endpoint
         proc = subprocess.run(["dvc", "repro", "-f", "tags@food-kitchen"], cwd=repo, env=env, capture_output=True, text=True)
         assert proc.returncode == 0 and len(stub.requests) == n_requests
-    out = repo / "data" / "tags" / "food-kitchen"
+    out = repo / "data" / "tags-limited" / "food-kitchen"
     item_tags = tags.pd.read_csv(out / "item_tags.tsv", sep="\t", quoting=3)
     assert len(item_tags) == 12  # 6 items per domain
     provenance = json.loads((out / "provenance.json").read_text())

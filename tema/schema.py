@@ -1,0 +1,423 @@
+"""One schema for params.yaml: the type, range or allowed values of every key, and no unknown keys.
+
+`validate(params)` checks the whole file at once and raises `config.ParamsError` listing every problem, one line
+each, naming the dotted key, the value and what was expected:
+
+    params.yaml: model_params.sasrec.lr: expected a number > 0, got -0.002
+
+`tema profile` checks what it is about to write, and every stage and CLI command checks the parameters before it
+reads, deletes or writes anything (`check`, called first by each stage's `run`). Model hyper-parameters are checked
+against what each registered model's constructor accepts, with the ranges of HYPER_RULES.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from tema import config, data
+from tema.tagging import Settings
+
+# A rule returns None for a good value, else what was expected ("an integer >= 1").
+Rule = Callable[[Any], str | None]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high}")
+    return " and ".join(parts)
+
+
+def _in_bounds(value: float, low, high, low_open: bool, high_open: bool) -> bool:
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return not (high is not None and (value >= high if high_open else value > high))
+
+
+def integer(low: int | None = None, high: int | None = None) -> Rule:
+    expected = " ".join(["an integer", _bounds(low, high, False, False)]).strip()
+    return lambda v: None if _is_int(v) and _in_bounds(v, low, high, False, False) else expected
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False) -> Rule:
+    expected = " ".join(["a number", _bounds(low, high, low_open, high_open)]).strip()
+    return lambda v: None if _is_number(v) and _in_bounds(v, low, high, low_open, high_open) else expected
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def text(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else "a non-empty string"
+
+
+def choice(*allowed: Any) -> Rule:
+    return lambda v: None if isinstance(v, (str, bool, int, float)) and v in allowed else f"one of {list(allowed)}"
+
+
+def optional(rule: Rule) -> Rule:
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None
+        problem = rule(v)
+        return None if problem is None else f"null or {problem}"
+    return check
+
+
+def list_of(rule: Rule, unique: bool = True) -> Rule:
+    def check(v: Any) -> str | None:
+        item_expected = rule(None) or "items"
+        expected = f"a non-empty list{' without repeats' if unique else ''} of {_plural(item_expected)}"
+        if not isinstance(v, list) or not v or any(rule(x) for x in v):
+            return expected
+        if unique and len({json.dumps(x, sort_keys=True) for x in v}) != len(v):
+            return expected
+        return None
+    return check
+
+
+def _plural(expected: str) -> str:
+    return re.sub(r"^an? (integer|number|non-empty string)", lambda m: m.group(1) + "s", expected)
+
+
+def device(v: Any) -> str | None:
+    expected = "'auto', 'cpu', 'mps', 'cuda' or 'cuda:<index>'"
+    if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+        return expected
+    if v.startswith("cuda"):
+        import torch  # only for a CUDA device: whether this machine has it (torch takes seconds to import)
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(v.partition(":")[2] or 0)
+        if index >= count:
+            return f"{expected} of a device this machine has (torch sees {count} CUDA device(s); 'auto' picks one when present)"
+    return None
+
+
+@dataclass(frozen=True)
+class Key:
+    rule: Rule | dict[str, Key]
+    required: bool = True
+
+
+Section = dict[str, Key]
+
+PREPARE: Section = {
+    "seed": Key(integer()),
+    "subsample": Key({"train_users": Key(optional(integer(1))), "eval_users": Key(optional(integer(1)))}),
+}
+TRAIN: Section = {
+    "seeds": Key(list_of(integer())),
+    "max_epochs": Key(integer(1)),
+    "patience": Key(integer(1)),
+    "batch_size": Key(integer(1)),
+    "max_len": Key(integer(1)),
+    "loss": Key(choice("full", "sampled")),
+    "n_negatives": Key(integer(1)),
+    "device": Key(device),
+    "num_threads": Key(integer(1)),
+    "workers": Key(integer(1)),
+}
+EVALUATE: Section = {
+    "n_candidates": Key(integer(1)),
+    "candidate_seed": Key(integer()),
+    "batch_size": Key(integer(1)),
+    "reference": Key(optional(text), required=False),
+}
+# the llm section: the generation settings of tema.tagging.Settings, with these ranges
+LLM_RULES: dict[str, Rule] = {
+    "k": integer(1, 20), "temperature": number(0, 2), "max_tokens": integer(1), "frequency_penalty": number(-2, 2),
+    "seed": integer(), "timeout_s": number(0, low_open=True), "max_retries": integer(0), "backoff_s": number(0),
+    "concurrency": integer(1), "json_mode": boolean, "max_retry_after_s": number(0),
+}
+EMBEDDED: Section = {
+    "n_parallel": Key(integer(1)), "n_ctx": Key(integer(64)), "threads": Key(integer(1)),
+    "start_timeout_s": Key(number(0, low_open=True), required=False),
+}
+REFINE: Section = {
+    "min_count": Key(integer(1)), "vocab_size": Key(integer(1)), "similarity": Key(number(0, 1, low_open=True)),
+    "llm_merge": Key(boolean), "llm_chunk": Key(integer(2)), "llm_merge_similarity": Key(number(0, 1, low_open=True)),
+    "map_similarity": Key(number(0, 1, low_open=True)),
+}
+PASS2: Section = {
+    "mode": Key(choice("map", "fill", "retag"), required=False), "min_tags": Key(integer(1), required=False),
+    "shortlist": Key(integer(1), required=False),
+}
+SOURCE: Section = {
+    "kind": Key(choice("llm", "external")), "file": Key(text, required=False), "model": Key(text, required=False),
+    "pass2": Key(PASS2, required=False),
+}
+FEATURES: Section = {
+    "text_encoder": Key(text), "batch_size": Key(integer(1)), "image_encoder": Key(optional(text), required=False),
+}
+TUNE_SPACE_KEYS = ("lr", "dropout", "weight_decay")
+
+# Model hyper-parameters by name, for every model that has them; a parameter not listed here must have the type of
+# its constructor default. Checked against what each model's constructor accepts (tema.models.registry.build).
+HYPER_RULES: dict[str, Rule] = {
+    "dim": integer(1), "blocks": integer(1), "heads": integer(1), "layers": integer(1),
+    "dropout": number(0, 1, high_open=True), "lr": number(0, low_open=True), "weight_decay": number(0),
+    "max_len": integer(1), "lam": number(0, 1), "loss_positions": integer(1), "aux_weight": number(0),
+    "tag_attention": boolean, "cross_attention": boolean, "text": boolean, "visual": boolean,
+}
+INJECTED = ("features", "features_id")  # set per dataset by the train stage (tema.train.model_params)
+
+
+def _show(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def check_section(value: Any, spec: Section, where: str, errors: list[str]) -> None:
+    if not isinstance(value, dict):
+        errors.append(f"{where}: expected a mapping with keys {sorted(spec)}, got {_show(value)}")
+        return
+    for key in value:
+        if key not in spec:
+            errors.append(f"{where}.{key}: unknown key; expected one of {sorted(spec)}")
+    for key, field in spec.items():
+        if key not in value:
+            if field.required:
+                errors.append(f"{where}.{key}: missing; expected {_describe(field.rule)}")
+            continue
+        check_value(value[key], field.rule, f"{where}.{key}", errors)
+
+
+def _describe(rule: Rule | Section) -> str:
+    return f"a mapping with keys {sorted(rule)}" if isinstance(rule, dict) else (rule(object()) or "a value")
+
+
+def check_value(value: Any, rule: Rule | Section, where: str, errors: list[str]) -> None:
+    if isinstance(rule, dict):
+        check_section(value, rule, where, errors)
+        return
+    problem = rule(value)
+    if problem is not None:
+        errors.append(f"{where}: expected {problem}, got {_show(value)}")
+
+
+def llm_section() -> Section:
+    """The llm section: every generation setting (tema.tagging.Settings) is optional, with its default."""
+    out: Section = {"model": Key(text), "embedded": Key(EMBEDDED, required=False)}
+    for f in fields(Settings):
+        out[f.name] = Key(LLM_RULES.get(f.name) or _type_rule(f.default), required=False)
+    return out
+
+
+def _type_rule(default: Any) -> Rule:
+    if isinstance(default, bool):
+        return boolean
+    if isinstance(default, int):
+        return integer()
+    if isinstance(default, float):
+        return number()
+    if isinstance(default, str):
+        return text
+    return lambda v: None
+
+
+def tags_section(params: dict[str, Any]) -> Section:
+    datasets = sorted(params.get("tags", {}).get("sources") or {}) if isinstance(params.get("tags"), dict) else []
+    return {
+        "sources": Key({name: Key(SOURCE, required=False) for name in datasets}),
+        "limit_items": Key(optional(integer(1))),
+        "refine": Key(REFINE),
+        "out_dir": Key(text),
+        "min_coverage": Key(number(0, 1)),
+    }
+
+
+def _structure(params: dict[str, Any]) -> Section:
+    return {
+        "datasets": Key(list_of(text)),
+        "models": Key(list_of(text)),
+        "evaluations": Key(lambda v: None, required=False),  # checked by config.evaluations
+        "pages": Key(lambda v: None, required=False),  # checked by config.pages
+        "tag_datasets": Key(optional(list_of(text)), required=False),
+        "prepare": Key(PREPARE),
+        "train": Key(TRAIN),
+        "evaluate": Key(EVALUATE),
+        "model_params": Key(lambda v: None if isinstance(v, dict) else "a mapping of model name to its hyper-parameters"),
+        "tune": Key({"trials": Key(integer(1)), "seed": Key(integer()), "space": Key(lambda v: None),
+                     "model_space": Key(lambda v: None, required=False)}, required=False),
+        "llm": Key(llm_section()),
+        "tags": Key(tags_section(params)),
+        "features": Key(FEATURES),
+    }
+
+
+def validate(params: dict[str, Any]) -> None:
+    """Raise config.ParamsError naming every bad key of params.yaml (one line each); return quietly when all is well."""
+    errors: list[str] = []
+    if not isinstance(params, dict):
+        raise config.ParamsError(f"params.yaml: expected a mapping at the top level, got {_show(params)}")
+    check_section(params, _structure(params), "", errors)
+    errors = [e.lstrip(".") for e in errors]
+    if not errors:  # the cross-key checks read the keys the structure check vouched for
+        errors += _cross_checks(params)
+    if errors:
+        raise config.ParamsError("\n".join(f"params.yaml: {e}" for e in errors))
+
+
+def _cross_checks(params: dict[str, Any]) -> list[str]:
+    errors: list[str] = []
+    known = sorted(data.READERS)
+    for name in params["datasets"]:
+        if name not in data.READERS:
+            errors.append(f"datasets: unknown dataset {name!r}; expected one of {known}")
+    for name in [*(params.get("tag_datasets") or []), *params["tags"]["sources"]]:
+        if name not in data.READERS:
+            errors.append(f"tag_datasets / tags.sources: unknown dataset {name!r}; expected one of {known}")
+    for name in params.get("tag_datasets") or []:
+        if name not in params["tags"]["sources"]:
+            errors.append(f"tag_datasets: {name!r} has no tag source; expected an entry tags.sources.{name}")
+    for name, source in params["tags"]["sources"].items():
+        where = f"tags.sources.{name}"
+        if source["kind"] == "external":
+            if "file" not in source:
+                errors.append(f"{where}.file: missing; an external source names its tag file (item_id<TAB>tags_json)")
+        shortlist = (source.get("pass2") or {}).get("shortlist")
+        k = params["llm"].get("k", Settings.k)
+        if shortlist is not None and shortlist < k:
+            errors.append(f"{where}.pass2.shortlist: expected an integer >= llm.k ({k}), got {shortlist}")
+    tags = params["tags"]
+    if tags["limit_items"] is not None and config.tags_out_dir(params) == config.DEFAULT_TAGS_DIR:
+        errors.append(f"tags.out_dir: a limited run (tags.limit_items: {tags['limit_items']}) must not write to {config.DEFAULT_TAGS_DIR}, "
+                      "where the full-data tags are; expected another folder (the smoke profile uses data/tags-smoke)")
+    models = params["models"]
+    reference = params["evaluate"].get("reference")
+    if reference is not None and reference not in models:
+        errors.append(f"evaluate.reference: expected one of the trained models {models} or null, got {reference!r}")
+    errors += _model_checks(params)
+    for derive in (config.evaluations, config.pages):
+        try:
+            derive(params)
+        except config.ParamsError as err:
+            errors.append(str(err).removeprefix("params.yaml: "))
+    return errors
+
+
+def _model_checks(params: dict[str, Any]) -> list[str]:
+    from tema.models import MODELS  # the registry imports the models, and with them torch: needed for these checks only
+
+    errors: list[str] = []
+    registered = sorted(MODELS)
+    for name in params["models"]:
+        if name not in MODELS:
+            errors.append(f"models: unknown model {name!r}; expected one of {registered}")
+        elif name not in params["model_params"]:
+            errors.append(f"model_params.{name}: missing; expected the hyper-parameters of {name} (an empty mapping {{}} for none)")
+    for name, hyper in params["model_params"].items():
+        if name not in MODELS:
+            errors.append(f"model_params.{name}: unknown model; expected one of {registered}")
+        elif hyper is not None and not isinstance(hyper, dict):
+            errors.append(f"model_params.{name}: expected a mapping of hyper-parameters, got {_show(hyper)}")
+        else:
+            errors += hyper_errors(name, hyper or {}, f"model_params.{name}")
+    tune = params.get("tune") or {}
+    space = tune.get("space") or {}
+    if not isinstance(space, dict):
+        errors.append(f"tune.space: expected a mapping of hyper-parameter to a list of values, got {_show(space)}")
+        space = {}
+    for key, values in space.items():
+        if key not in TUNE_SPACE_KEYS:
+            errors.append(f"tune.space.{key}: unknown key; expected one of {list(TUNE_SPACE_KEYS)}")
+            continue
+        check_value(values, list_of(HYPER_RULES[key]), f"tune.space.{key}", errors)
+    own = tune.get("model_space") or {}
+    for name, grid in (own.items() if isinstance(own, dict) else []):
+        if name not in MODELS:
+            errors.append(f"tune.model_space.{name}: unknown model; expected one of {registered}")
+        elif not isinstance(grid, dict):
+            errors.append(f"tune.model_space.{name}: expected a mapping of hyper-parameter to a list of values, got {_show(grid)}")
+        else:
+            for key, values in grid.items():
+                accepted = accepted_hyper(MODELS[name])
+                if key not in accepted:
+                    errors.append(f"tune.model_space.{name}.{key}: unknown key; {name} accepts {sorted(accepted)}")
+                else:
+                    check_value(values, list_of(accepted[key]), f"tune.model_space.{name}.{key}", errors)
+    return errors
+
+
+def accepted_hyper(cls: type) -> dict[str, Rule]:
+    """The hyper-parameters a model accepts in params.yaml, each with its rule."""
+    from tema.models.registry import TRAINING_KEYS
+
+    out: dict[str, Rule] = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name in ("self", "space", "max_len") or name in INJECTED or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        out[name] = HYPER_RULES.get(name) or _type_rule(p.default)
+    for name in TRAINING_KEYS:
+        out[name] = HYPER_RULES[name]
+    if "tags" in out:
+        from tema.models.tema import TAG_MODES
+
+        out["tags"] = choice(*TAG_MODES)
+    return out
+
+
+def hyper_errors(name: str, hyper: dict[str, Any], where: str) -> list[str]:
+    """What is wrong with one model's hyper-parameters: unknown keys, bad values, heads not dividing dim, a switch
+    that contradicts the ablation."""
+    from tema.models import MODELS
+
+    cls = MODELS[name]
+    accepted = accepted_hyper(cls)
+    errors = []
+    for key, value in hyper.items():
+        if key in INJECTED:
+            errors.append(f"{where}.{key}: set by the train stage for each dataset; remove it from params.yaml")
+        elif key not in accepted:
+            errors.append(f"{where}.{key}: unknown key; {name} accepts {sorted(accepted)}")
+        else:
+            check_value(value, accepted[key], f"{where}.{key}", errors)
+    if errors:
+        return errors
+    dim, heads = _effective(cls, hyper, "dim"), _effective(cls, hyper, "heads")
+    if _is_int(dim) and _is_int(heads) and dim % heads:
+        errors.append(f"{where}.heads: expected a divisor of dim ({dim}), got {heads}")
+    for key, fixed in (getattr(cls, "fixed", None) or {}).items():
+        if key in hyper and hyper[key] != fixed:
+            errors.append(f"{where}.{key}: this ablation fixes {key} = {fixed!r}; remove the key or set it to {fixed!r}, got {_show(hyper[key])}")
+    return errors
+
+
+def _effective(cls: type, hyper: dict[str, Any], key: str) -> Any:
+    param = inspect.signature(cls.__init__).parameters.get(key)
+    return hyper.get(key, None if param is None else param.default)
+
+
+_checked: set[str] = set()
+
+
+def check(params: dict[str, Any]) -> dict[str, Any]:
+    """validate(params) once per distinct parameter set in this process (stages call it first); returns params."""
+    key = json.dumps(params, sort_keys=True, default=str)
+    if key not in _checked:
+        validate(params)
+        _checked.add(key)
+    return params
+
+
+def load(path: str | Path | None = None) -> dict[str, Any]:
+    """params.yaml, validated."""
+    return check(config.load_params(path))
