@@ -144,7 +144,7 @@ def read_food_kitchen(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
     ranges = {"A": (0, counts[0]), "B": (counts[0], n_items)}
 
     data, shown = raw("items.tsv")
-    rows = []
+    rows, origins = [], []
     lines = decoded_lines(data, shown)
     header = next(lines, (0, ""))[1]
     if header.split("\t") != ["global_idx", "domain", "local_idx", "asin", "title"]:
@@ -163,8 +163,9 @@ def read_food_kitchen(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
         if local != item - ranges[domain][0]:
             raise DataError(f"{where}: expected local_idx {item - ranges[domain][0]} for global_idx {item}, got {local}")
         rows.append((item, domain, local, parts[3], html.unescape(parts[4]).strip(), ""))
+        origins.append(where)
     items = pd.DataFrame(rows, columns=["item_id", "domain", "local_id", "source_id", "title", "text"])
-    check_item_table(items, n_items, shown)
+    check_item_table(items, n_items, origins, origins[-1] if origins else f"{shown}:1")
 
     examples = []
     for fname, split, domain in [
@@ -214,7 +215,7 @@ def read_art_office(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
     def raw(fname: str) -> tuple[bytes, str]:
         return read_raw_bytes(raw_dir / fname, checksums, f"{name}/{fname}"), f"{raw_dir / fname}.gz"
 
-    rows = []
+    rows, origins = [], []
     for fname, domain in [("item_listA_F.csv", "A"), ("item_listO_AA_F.csv", "B")]:
         data, shown = raw(fname)
         try:
@@ -222,20 +223,25 @@ def read_art_office(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
         except UnicodeDecodeError as err:
             lineno = data[: err.start].count(b"\n") + 1
             raise DataError(f"{shown}:{lineno}: expected UTF-8 text, undecodable bytes") from err
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader, [])
+        records = csv_records(text, shown)
+        header = next(records, (1, []))[1]
         if header != ["idBefore", "item_title", "idAfter", "item_attribute"]:
             raise DataError(f"{shown}:1: expected header 'idBefore,item_title,idAfter,item_attribute', got {header!r}")
-        for record in reader:
-            where = f"{shown}:{reader.line_num}"
+        for lineno, record in records:
+            where = f"{shown}:{lineno}"
             if len(record) != 4:
                 raise DataError(f"{where}: expected 4 comma-separated fields, got {len(record)}")
             item = parse_int(record[2], where, "idAfter")
             rows.append((item, domain, 0, record[0], html.unescape(record[1]).strip(), record[3].strip()))
+            origins.append(where)
+        if not any(row[1] == domain for row in rows):
+            raise DataError(f"{shown}:2: expected at least one item after the header, got none")
+    # one table ordered by the global id (stable: of two rows with one id, the first read stays first)
+    order = sorted(range(len(rows)), key=lambda row: rows[row][0])
+    rows, origins = [rows[row] for row in order], [origins[row] for row in order]
     items = pd.DataFrame(rows, columns=["item_id", "domain", "local_id", "source_id", "title", "text"])
-    items = items.sort_values("item_id", kind="stable").reset_index(drop=True)
     n_items = len(items)
-    check_item_table(items, n_items, f"{raw_dir}/item_list*.csv")
+    check_item_table(items, n_items, origins, f"{raw_dir}/item_list*.csv.gz")
     start_b = int(items.loc[items["domain"] == "B", "item_id"].min())
     items["local_id"] = items["item_id"] - items["domain"].map({"A": 0, "B": start_b})
 
@@ -290,14 +296,53 @@ def read_art_office(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
 # ---------------------------------------------------------------- shared pieces
 
 
-def check_item_table(items: pd.DataFrame, n_items: int, shown: str) -> None:
-    ids = items["item_id"].to_numpy()
-    if len(items) != n_items or (ids != range(n_items)).any():
-        raise DataError(f"{shown}: expected item ids 0..{n_items - 1}, each once, in order")
+def csv_records(text: str, shown: str) -> Iterator[tuple[int, list[str]]]:
+    """(line where the record starts, fields) for each CSV record; a quoting error names its record's line.
+
+    A quoted field may span lines; csv.reader's line_num is the line where a record ends, so the record
+    starts on the line after the previous one ended. Strict: a stray character after a closing quote or a
+    quote left open at the end of the file is an error, not a silently merged field.
+    """
+    reader = csv.reader(io.StringIO(text), strict=True)
+    ended = 0
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataError(
+                f"{shown}:{ended + 1}: CSV quoting error in the record starting on this line ({err}); expected every "
+                "quoted field to be closed and followed by ',' or the end of the line"
+            ) from None
+        yield ended + 1, record
+        ended = reader.line_num
+
+
+def check_item_table(items: pd.DataFrame, n_items: int, origins: list[str], end: str) -> None:
+    """Item ids 0..n_items-1, each once, in order, domain A's before domain B's.
+
+    origins[i] is the '<file>:<line>' row i was read from, so an error names the first offending row;
+    `end` is where the rows end (named when the last ids are missing).
+    """
+    ids = items["item_id"].tolist()
+    first_seen: dict[int, str] = {}
+    for row, (item, origin) in enumerate(zip(ids, origins)):
+        if item in first_seen:
+            raise DataError(f"{origin}: duplicated item id {item} (first seen at {first_seen[item]}); expected each id once")
+        if item != row:
+            raise DataError(f"{origin}: expected item id {row} (ids 0..{n_items - 1}, each once, in order), got {item}")
+        first_seen[item] = origin
+    if len(ids) != n_items:
+        raise DataError(f"{end}: expected item ids 0..{n_items - 1}, the items end after id {len(ids) - 1}")
     domains = items["domain"].tolist()
     first_b = domains.index("B") if "B" in domains else len(domains)
-    if any(d != "A" for d in domains[:first_b]) or any(d != "B" for d in domains[first_b:]):
-        raise DataError(f"{shown}: expected the ids of domain A to precede those of domain B")
+    stray = next((row for row in range(first_b, len(domains)) if domains[row] != "B"), None)
+    if stray is not None:
+        raise DataError(
+            f"{origins[stray]}: item id {ids[stray]} of domain {domains[stray]} follows domain B's first id "
+            f"{ids[first_b]} ({origins[first_b]}); expected the ids of domain A to precede those of domain B"
+        )
 
 
 def sequence_table(examples: list[tuple[str, str, list[int], int]], items: pd.DataFrame) -> pd.DataFrame:

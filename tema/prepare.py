@@ -4,11 +4,17 @@ Outputs in data/prepared/<dataset>/:
   items.parquet, sequences.parquet   the canonical dataset (tema.data)
   candidates.parquet                 the seeded sampled-999 candidates of every valid/test example
   stats.json                         users, items, interactions per domain and split; lengths; overlap
+  figures/                           history lengths and item popularity (PNG)
+They are built in a temporary sibling folder and replace the previous ones only when all are written.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from tema import config, data
+from tema import config, data, schema
 from tema.protocols import sample_candidates
 
 
@@ -123,21 +129,72 @@ def plot_statistics(dataset: data.Dataset, out_dir: Path) -> list[Path]:
     return paths
 
 
-def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Execute the stage for one dataset; returns the statistics."""
-    root = config.repo_root()
-    train_users = config.get(params, "prepare.subsample.train_users", (int, type(None)))
-    eval_users = config.get(params, "prepare.subsample.eval_users", (int, type(None)))
-    seed = config.get(params, "prepare.seed", int)
-    n_candidates = config.get(params, "evaluate.n_candidates", int)
-    candidate_seed = config.get(params, "evaluate.candidate_seed", int)
+def check_candidates(dataset: data.Dataset, n_candidates: int) -> None:
+    """Each valid/test example draws n_candidates distinct items of its target's domain other than the target
+    (tema.protocols.sample_candidates), so every domain needs more than n_candidates items."""
+    for domain in data.DOMAINS:
+        start, stop = dataset.domain_range(domain)
+        if n_candidates >= stop - start:
+            raise config.ParamsError(
+                f"params.yaml: 'evaluate.n_candidates' is {n_candidates}, but domain {domain} "
+                f"({dataset.domain_names[domain]}) of {dataset.name} has {stop - start} items; expected fewer than "
+                f"{stop - start} (the candidates are distinct items of the target's domain, the target excluded)"
+            )
 
-    dataset = data.read_raw(dataset_name, root / "data" / "raw")
-    dataset = subsample(dataset, train_users, eval_users, seed)
-    out = config.dataset_dir("prepared", dataset_name)
+
+@contextmanager
+def replaced_on_success(out: Path) -> Iterator[Path]:
+    """A new empty folder beside `out` to build into; when the block succeeds it replaces `out` by rename.
+
+    The old folder is renamed aside, the new one into place, then the old one is deleted, so `out` always holds
+    one run's complete outputs. When the block fails the new folder is deleted and `out` is left as it was.
+    Leftovers of a killed run of the same dataset (one runs at a time under DVC) are deleted first.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    new, old = (out.with_name(f".{out.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    new.mkdir()
+    try:
+        yield new
+        if out.exists():
+            out.rename(old)
+        try:
+            new.rename(out)
+        except BaseException:
+            if old.exists() and not out.exists():
+                old.rename(out)
+            raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_outputs(dataset: data.Dataset, out: Path, n_candidates: int, candidate_seed: int) -> dict[str, Any]:
     data.save(dataset, out)
     candidates_table(dataset, n_candidates, candidate_seed).to_parquet(out / "candidates.parquet", index=False)
     stats = statistics(dataset)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     plot_statistics(dataset, out / "figures")
     return stats
+
+
+def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Execute the stage for one dataset; returns the statistics.
+
+    Everything is checked before anything is written, and data/prepared/<dataset> is replaced as a whole only
+    once all of its files are written (replaced_on_success): a failure leaves the previous outputs untouched.
+    """
+    schema.check(params)  # types and ranges; the candidate count against the domains' sizes needs the data (below)
+    root = config.repo_root()
+    train_users = params["prepare"]["subsample"]["train_users"]
+    eval_users = params["prepare"]["subsample"]["eval_users"]
+    seed = params["prepare"]["seed"]
+    n_candidates = params["evaluate"]["n_candidates"]
+    candidate_seed = params["evaluate"]["candidate_seed"]
+
+    dataset = data.read_raw(dataset_name, root / "data" / "raw")
+    check_candidates(dataset, n_candidates)
+    dataset = subsample(dataset, train_users, eval_users, seed)
+    with replaced_on_success(config.dataset_dir("prepared", dataset_name)) as out:
+        return write_outputs(dataset, out, n_candidates, candidate_seed)

@@ -45,6 +45,30 @@ def food_kitchen_files(**override: bytes) -> dict[str, bytes]:
     return files
 
 
+def art_office_files(**override: bytes) -> dict[str, bytes]:
+    """A tiny art-office in the upstream format: 3 items in A (0-2), 3 in B (3-5), two lines per user."""
+    header = "idBefore,item_title,idAfter,item_attribute"
+    items_a = [header, "0,paint &amp; brush,0,arts crafts", '1,"canvas, quoted",1,arts crafts', "2,clay,2,arts crafts"]
+    items_b = [header] + [f"{i},office item {i},{i + 3},office products" for i in range(3)]
+
+    def user(uid: int, history: list[int], targets: tuple[int, int]) -> str:
+        lines = []
+        for target in targets:
+            seq = history + [target]
+            lines.append(f"{uid}\t{len(seq) - 1}\t" + "\t".join(f"{item}|{pos}|{pos}" for pos, item in enumerate(seq)) + "\t")
+        return "\n".join(lines) + "\n"
+
+    files = {
+        "item_listA_F.csv": ("\n".join(items_a) + "\n").encode(),
+        "item_listO_AA_F.csv": ("\n".join(items_b) + "\n").encode(),
+        "train_F2.txt": (user(0, [0, 3], (1, 4)) + user(1, [2, 5], (0, 3))).encode(),
+        "valid_F2.txt": user(2, [1, 4], (2, 5)).encode(),
+        "test_F2.txt": user(3, [2, 5], (0, 3)).encode(),
+    }
+    files.update(override)
+    return files
+
+
 def copy_worktree(root: Path, dst: Path, skip: tuple[str, ...] = ("reports/",)) -> None:
     """What a fresh clone holds (tracked and unignored files, minus `skip` prefixes and dvc.lock), as a git repo."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,

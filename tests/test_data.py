@@ -7,8 +7,12 @@ import re
 
 import pytest
 
-from conftest import food_kitchen_files, write_raw
+from conftest import art_office_files, food_kitchen_files, write_raw
 from tema import data
+
+
+FK_ITEMS = food_kitchen_files()["items.tsv"]
+AO_HEADER = b"idBefore,item_title,idAfter,item_attribute\n"
 
 
 def read_tiny(tmp_path, checksums=None, **override):
@@ -65,6 +69,10 @@ def test_tiny_canonical_form(tmp_path):
         ({"valid.txt": b"1\t0,4,2\n1\t1,5,6\n"}, r"valid\.txt\.gz:2: duplicated user 1 \(first on line 1\)"),
         ({"train_overlap.txt": b"1\t0,4,1,5\n2\t0,\xff\xfe,1\n"}, r"train_overlap\.txt\.gz:2: expected UTF-8 text"),
         ({"num.txt": b"4\n"}, r"num\.txt\.gz: expected two item counts"),
+        ({"items.tsv": FK_ITEMS.replace(b"2\tA\t2\tASIN2", b"1\tA\t1\tASIN1")},
+         r"items\.tsv\.gz:4: duplicated item id 1 \(first seen at \S+items\.tsv\.gz:3\)"),
+        ({"items.tsv": FK_ITEMS.removesuffix(b"8\tB\t4\tASIN8\tKitchen item 8\n")},
+         r"items\.tsv\.gz:9: expected item ids 0\.\.8, the items end after id 7"),
     ],
 )
 def test_bad_input_names_file_line_and_expectation(tmp_path, override, pattern):
@@ -92,6 +100,51 @@ def test_art_office_bad_token_and_duplicate(tmp_path, root):
     write_raw(tmp_path, "art-office", {**files, "test_F2.txt": good})
     ds = data.read_raw("art-office", tmp_path)
     assert ds.split("test")["target"].tolist() == [1, 3]
+
+
+def read_tiny_art_office(tmp_path, **override):
+    write_raw(tmp_path, "art-office", art_office_files(**override))
+    return data.read_raw("art-office", tmp_path)
+
+
+def test_tiny_art_office_canonical_form(tmp_path):
+    ds = read_tiny_art_office(tmp_path)
+    assert ds.items["title"].tolist()[:3] == ["paint & brush", "canvas, quoted", "clay"]
+    assert ds.items["local_id"].tolist() == [0, 1, 2, 0, 1, 2] and ds.domain_range("B") == (3, 6)
+    rows = ds.split("valid")
+    assert rows["user"].tolist() == ["valid_F2:2#1", "valid_F2:2#2"] and rows["target"].tolist() == [2, 5]
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        # a quoted field spans lines 2-3, so the unterminated quote opens the record on line 4
+        ({"item_listA_F.csv": AO_HEADER + b'0,"paint\nbrush",0,x\n1,"canvas,1,x\n2,clay,2,x\n'},
+         r"item_listA_F\.csv\.gz:4: CSV quoting error in the record starting on this line \(unexpected end of data\); "
+         r"expected every quoted field to be closed"),
+        ({"item_listA_F.csv": AO_HEADER + b'0,paint,0,x\n1,"canvas"x,1,x\n2,clay,2,x\n'},
+         r"item_listA_F\.csv\.gz:3: CSV quoting error .*',' expected after '\"'"),
+        # the record of line 3 ends on line 4
+        ({"item_listA_F.csv": AO_HEADER + b'0,paint,0,x\n1,"canvas\nquoted",1\n2,clay,2,x\n'},
+         r"item_listA_F\.csv\.gz:3: expected 4 comma-separated fields, got 3"),
+        ({"item_listO_AA_F.csv": AO_HEADER + b"0,pen,3,y\n1,ink,four,y\n2,desk,5,y\n"},
+         r"item_listO_AA_F\.csv\.gz:3: expected idAfter \(an integer\), got 'four'"),
+        ({"item_listO_AA_F.csv": AO_HEADER + b"0,pen,3,y\n1,ink,2,y\n2,desk,5,y\n"},
+         r"item_listO_AA_F\.csv\.gz:3: duplicated item id 2 \(first seen at \S+item_listA_F\.csv\.gz:4\); expected each id once"),
+        ({"item_listO_AA_F.csv": AO_HEADER + b"0,pen,3,y\n1,ink,4,y\n2,desk,6,y\n"},
+         r"item_listO_AA_F\.csv\.gz:4: expected item id 5 \(ids 0\.\.5, each once, in order\), got 6"),
+        ({"item_listA_F.csv": AO_HEADER + b"0,paint,0,x\n1,canvas,1,x\n2,clay,4,x\n",
+          "item_listO_AA_F.csv": AO_HEADER + b"0,pen,2,y\n1,ink,3,y\n2,desk,5,y\n"},
+         r"item_listA_F\.csv\.gz:4: item id 4 of domain A follows domain B's first id 2 \(\S+item_listO_AA_F\.csv\.gz:2\); "
+         r"expected the ids of domain A to precede those of domain B"),
+        ({"item_listO_AA_F.csv": AO_HEADER}, r"item_listO_AA_F\.csv\.gz:2: expected at least one item after the header"),
+    ],
+    ids=["unterminated-quote", "strict-quote", "field-count", "non-integer-id", "duplicated-id", "gap", "domain-order",
+         "no-items"],
+)
+def test_art_office_item_errors_name_file_and_line(tmp_path, override, pattern):
+    with pytest.raises(data.DataError, match=pattern):
+        read_tiny_art_office(tmp_path, **override)
 
 
 def test_prepared_roundtrip(tmp_path):
