@@ -167,7 +167,6 @@ SOURCE: Section = {
 FEATURES: Section = {
     "text_encoder": Key(text), "batch_size": Key(integer(1)), "image_encoder": Key(optional(text), required=False),
 }
-TUNE_SPACE_KEYS = ("lr", "dropout", "weight_decay")
 
 # Model hyper-parameters by name, for every model that has them; a parameter not listed here must have the type of
 # its constructor default. Checked against what each model's constructor accepts (tema.models.registry.build).
@@ -336,11 +335,14 @@ def _model_checks(params: dict[str, Any]) -> list[str]:
     if not isinstance(space, dict):
         errors.append(f"tune.space: expected a mapping of hyper-parameter to a list of values, got {_show(space)}")
         space = {}
+    any_model: dict[str, Rule] = {}
+    for cls in MODELS.values():
+        any_model.update(accepted_hyper(cls))
     for key, values in space.items():
-        if key not in TUNE_SPACE_KEYS:
-            errors.append(f"tune.space.{key}: unknown key; expected one of {list(TUNE_SPACE_KEYS)}")
+        if key not in any_model:
+            errors.append(f"tune.space.{key}: unknown key; expected a hyper-parameter of some model, one of {sorted(any_model)}")
             continue
-        check_value(values, list_of(HYPER_RULES[key]), f"tune.space.{key}", errors)
+        check_value(values, list_of(any_model[key]), f"tune.space.{key}", errors)
     own = tune.get("model_space") or {}
     for name, grid in (own.items() if isinstance(own, dict) else []):
         if name not in MODELS:

@@ -61,7 +61,7 @@ def test_ablations_are_not_tuned_apart_from_tema():
     import pandas as pd
 
     with pytest.raises(config.ParamsError, match=r"tema-no-tags.*tune `tema`"):
-        tune.run("food-kitchen", {"tune": PARAMS["tune"], "train": {}}, models=["tema-no-tags"])
+        tune.run("food-kitchen", config.load_params(config.repo_root() / "profiles" / "default.yaml"), models=["tema-no-tags"])
     table = pd.DataFrame({"model": ["tema", "tema", "sasrec"], "trial": [0, 1, 0], "valid_MRR": [0.1, 0.2, 0.1],
                           "params": [json.dumps({"aux_weight": 0.5}), json.dumps({"aux_weight": 1.0}), json.dumps({"lr": 1})]})
     params = {"model_params": {"tema": {}, "tema-no-tags": {"aux_weight": 0.5}, "sasrec": {}}}
