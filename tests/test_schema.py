@@ -137,7 +137,8 @@ def test_the_cli_checks_params_before_any_work(tmp_path, root, monkeypatch, caps
         assert "argument --limit: expected an integer >= 1" in capsys.readouterr().err
 
 
-def test_a_bad_hyper_parameter_leaves_a_finished_run_alone(tmp_path, monkeypatch, root):
+def trained_seed(tmp_path, monkeypatch, root):
+    """A synthetic study with GRU4Rec's seed 1 trained: (params, its run folder, the folder's files)."""
     from test_training import study_root
 
     from tema import train
@@ -146,7 +147,13 @@ def test_a_bad_hyper_parameter_leaves_a_finished_run_alone(tmp_path, monkeypatch
     params["train"]["seeds"] = [1]
     train.run("synthetic", "gru4rec", params)
     run_dir = tmp_path / "data" / "runs" / "synthetic" / "gru4rec" / "seed1"
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    return params, run_dir, {p.name: p.read_bytes() for p in run_dir.iterdir()}
+
+
+def test_a_bad_hyper_parameter_leaves_a_finished_run_alone(tmp_path, monkeypatch, root):
+    from tema import train
+
+    params, run_dir, before = trained_seed(tmp_path, monkeypatch, root)
     params["model_params"]["gru4rec"]["lr"] = -0.002
     with pytest.raises(config.ParamsError, match=r"model_params.gru4rec.lr: expected a number > 0, got -0.002"):
         train.run("synthetic", "gru4rec", params)
@@ -161,15 +168,9 @@ def test_a_run_that_fails_keeps_the_previous_run(tmp_path, monkeypatch, root):
     """Not only a bad parameter: any failure of a retraining run (an interrupt, a crash) keeps the old run's files."""
     import torch
 
-    from test_training import study_root
-
     from tema import train
 
-    params = study_root(tmp_path, monkeypatch, root, workers=1)
-    params["train"]["seeds"] = [1]
-    train.run("synthetic", "gru4rec", params)
-    run_dir = tmp_path / "data" / "runs" / "synthetic" / "gru4rec" / "seed1"
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    params, run_dir, before = trained_seed(tmp_path, monkeypatch, root)
     params["model_params"]["gru4rec"]["lr"] = 0.02  # a valid change: this seed retrains
 
     def crash(*args, **kwargs):
