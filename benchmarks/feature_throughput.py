@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tema import config, data, features  # noqa: E402
+from tema import config, data, datasets, encoders, features  # noqa: E402
 
 
 def tag_texts(dataset: str) -> tuple[list[str], str]:
@@ -45,11 +45,11 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load_params(ROOT / "profiles" / "default.yaml")
     torch.set_num_threads(config.get(params, "train.num_threads", int))
-    ds = data.read_raw(args.dataset, ROOT / "data" / "raw")
+    ds = datasets.read_raw(args.dataset, ROOT / "data" / "raw")
     texts = features.item_texts(ds.items.sort_values("item_id"))
     tags, tag_source = tag_texts(args.dataset)
     start = time.perf_counter()
-    encoder = features.TextEncoder(config.get(params, "features.text_encoder", str), config.get(params, "features.batch_size", int))
+    encoder = encoders.TextEncoder(config.get(params, "features.text_encoder", str), config.get(params, "features.batch_size", int))
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     encoder(texts)

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tema import config, data, llm  # noqa: E402
+from tema import config, data, datasets, llm  # noqa: E402
 from tema.tagging import TagCache, tag_items  # noqa: E402
 from tema.tags import items_to_tag, settings_from_params  # noqa: E402
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load_params(ROOT / "profiles" / "default.yaml")
     settings = settings_from_params(params)
-    dataset = data.read_raw(args.dataset, ROOT / "data" / "raw")
+    dataset = datasets.read_raw(args.dataset, ROOT / "data" / "raw")
     items = items_to_tag(dataset, args.items // 2)
     results = {}
     with tempfile.TemporaryDirectory() as tmp, llm.LazyEndpoint(params, settings.timeout_s) as ep:

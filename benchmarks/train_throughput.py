@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tema import config, data  # noqa: E402
+from tema import config, data, datasets  # noqa: E402
 from tema.models import ItemSpace  # noqa: E402
 from tema.protocols import evaluate_split, selection_score  # noqa: E402
 from tema.train import model_params  # noqa: E402
@@ -37,7 +37,7 @@ from tema.training import TrainConfig, build_model, seed_everything, training_ba
 
 
 def measure(name: str, dataset, params: dict, cfg: TrainConfig, epochs: int) -> dict:
-    hyper = model_params(params, name, dataset.name)
+    hyper = model_params(params, name)
     seed_everything(0)
     space = ItemSpace.of(dataset)
     train, valid = dataset.split("train"), dataset.split("valid")
@@ -73,7 +73,7 @@ def measure_in_process(args: tuple) -> dict:
     name, dataset_name, params, epochs = args
     cfg = TrainConfig.from_params(params)
     torch.set_num_threads(cfg.num_threads)
-    dataset = data.read_raw(dataset_name, ROOT / "data" / "raw")
+    dataset = datasets.read_raw(dataset_name, ROOT / "data" / "raw")
     return measure(name, dataset, params, cfg, epochs)
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     if args.parallel > 1:
         rows = [measure_parallel(name, args.dataset, params, args.epochs, args.parallel) for name in args.models]
     else:
-        dataset = data.read_raw(args.dataset, ROOT / "data" / "raw")
+        dataset = datasets.read_raw(args.dataset, ROOT / "data" / "raw")
         rows = [measure(name, dataset, params, cfg, args.epochs) for name in args.models]
     base = rows[0]["seconds_per_epoch"]
     print(f"\n{args.dataset}, {args.epochs} epoch(s) each, {args.parallel} run(s) at once with "

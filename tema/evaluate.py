@@ -31,7 +31,7 @@ def evaluate_all(dataset_name: str, params: dict[str, Any], models: list[str]) -
     for model in models:
         for seed in cfg.seeds:
             run_dir = config.dataset_dir("runs", dataset_name) / model / f"seed{seed}"
-            recommender = load_run(dataset, model, model_params(params, model, dataset_name), cfg, run_dir)
+            recommender = load_run(dataset, model, model_params(params, model), cfg, run_dir)
             for split, (examples, candidates) in splits.items():
                 per_user = evaluate_split(recommender.score, examples, space_ranges, candidates, cfg.eval_batch_size, PROTOCOLS)
                 frames.append(per_user.assign(model=model, seed=seed, split=split))

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from tema import config, data, schema
+from tema import config, data, datasets, schema
 from tema.protocols import sample_candidates
 
 
@@ -193,7 +193,7 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
     n_candidates = params["evaluate"]["n_candidates"]
     candidate_seed = params["evaluate"]["candidate_seed"]
 
-    dataset = data.read_raw(dataset_name, root / "data" / "raw")
+    dataset = datasets.read_raw(dataset_name, root / "data" / "raw")
     check_candidates(dataset, n_candidates)
     dataset = subsample(dataset, train_users, eval_users, seed)
     with replaced_on_success(config.dataset_dir("prepared", dataset_name)) as out:

@@ -24,7 +24,7 @@ import pandas as pd
 from tema import config, data, schema
 from tema.evaluate import format_table
 from tema.protocols import METRICS, PROTOCOLS
-from tema.train import load_histories
+from tema.artifacts import load_histories
 from tema.training import TrainConfig
 
 PNG_METADATA = {"Software": None}  # no library version in the bytes: identical inputs, identical files
@@ -240,7 +240,7 @@ def explanations_section(dataset: str, params: dict[str, Any], model: str = "tem
     cfg = TrainConfig.from_params(params)
     ds = data.load(dataset, config.dataset_dir("prepared", dataset))
     run_dir = config.dataset_dir("runs", dataset) / model / f"seed{cfg.seeds[0]}"
-    recommender = load_run(ds, model, model_params(params, model, dataset), cfg, run_dir)
+    recommender = load_run(ds, model, model_params(params, model), cfg, run_dir)
     bank = features.load(dataset)
     names = list(bank["tags"]["tag"]) if "tags" in bank else []
     tag_ids = bank.get("item_tag_ids")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from tema import config, data
+from tema import config, data, datasets
 from tema.tagging import Settings
 
 # A rule returns None for a good value, else what was expected ("an integer >= 1").
@@ -176,7 +176,7 @@ HYPER_RULES: dict[str, Rule] = {
     "max_len": integer(1), "lam": number(0, 1), "loss_positions": integer(1), "aux_weight": number(0),
     "tag_attention": boolean, "cross_attention": boolean, "text": boolean, "visual": boolean,
 }
-INJECTED = ("features", "features_id")  # set per dataset by the train stage (tema.train.model_params)
+INJECTED = ("features",)  # the features stage's arrays, handed to a model by the trainer (tema.training)
 
 
 def _show(value: Any) -> str:
@@ -277,12 +277,12 @@ def validate(params: dict[str, Any]) -> None:
 
 def _cross_checks(params: dict[str, Any]) -> list[str]:
     errors: list[str] = []
-    known = sorted(data.READERS)
+    known = datasets.known()
     for name in params["datasets"]:
-        if name not in data.READERS:
+        if name not in datasets.READERS:
             errors.append(f"datasets: unknown dataset {name!r}; expected one of {known}")
     for name in [*(params.get("tag_datasets") or []), *params["tags"]["sources"]]:
-        if name not in data.READERS:
+        if name not in datasets.READERS:
             errors.append(f"tag_datasets / tags.sources: unknown dataset {name!r}; expected one of {known}")
     for name in params.get("tag_datasets") or []:
         if name not in params["tags"]["sources"]:
@@ -387,7 +387,7 @@ def hyper_errors(name: str, hyper: dict[str, Any], where: str) -> list[str]:
     errors = []
     for key, value in hyper.items():
         if key in INJECTED:
-            errors.append(f"{where}.{key}: set by the train stage for each dataset; remove it from params.yaml")
+            errors.append(f"{where}.{key}: the trainer passes each dataset's features; remove it from params.yaml")
         elif key not in accepted:
             errors.append(f"{where}.{key}: unknown key; {name} accepts {sorted(accepted)}")
         else:

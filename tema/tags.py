@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tema import config, data, schema
+from tema import config, data, datasets, schema
 from tema.tagging import (PROMPT_VERSION, AnswerError, Item, Request, RequestRun, Settings, TagCache, cache_key, completion_parts,
                           is_endpoint_failure, normalize_tag, product_block, prompt_hash, tag_items)
 
@@ -577,7 +577,7 @@ def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None
     if limit is not None and limit < 1:
         raise config.ParamsError(f"--limit: expected an integer >= 1 (items per domain), got {limit}")
     settings = settings_from_params(params)
-    dataset = data.read_raw(dataset_name, config.repo_root() / "data" / "raw")
+    dataset = datasets.read_raw(dataset_name)
     with TagCache(config.dataset_dir("tags-cache", dataset_name) / "pass1.jsonl") as cache, \
             llm.LazyEndpoint(params, settings.timeout_s) as ep:
         _, failures, acct = tag_items(items_to_tag(dataset, limit), ep.client, ep.model, ep.model_sha256, settings, cache)
@@ -603,7 +603,7 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
     out = config.tags_dir(params, dataset_name)
     if source["kind"] == "external" and not (config.repo_root() / source["file"]).is_file():
         raise data.DataError(f"{source['file']}: not found (tags.sources.{dataset_name}.file); expected the external tag file")
-    dataset = data.read_raw(dataset_name, config.repo_root() / "data" / "raw")
+    dataset = datasets.read_raw(dataset_name)
     domain_of = dict(zip(dataset.items["item_id"].tolist(), dataset.items["domain"].tolist()))
     settings = settings_from_params(params)
     pass2 = pass2_settings(source, dataset_name, settings.k)

@@ -15,24 +15,13 @@ from typing import Any
 
 import pandas as pd
 
-from tema import config, data, schema
+from tema import artifacts, config, data, schema
 from tema.training import TrainConfig, data_fingerprint, train_run
 
 
-def model_params(params: dict[str, Any], model: str, dataset_name: str | None = None) -> dict[str, Any]:
-    """The model's hyper-parameters from params.yaml; for a model that reads the features stage (TEMA,
-    SASRec-text), also which dataset's features and their identity (so new features retrain it)."""
-    hyper = dict(config.get(params, f"model_params.{model}", (dict, type(None))) or {})
-    if dataset_name is not None:
-        from tema.models import MODELS
-        from tema.models.tema import features_identity, uses_features
-
-        if model in MODELS and uses_features(MODELS[model]):
-            meta = config.dataset_dir("features", dataset_name) / "meta.json"
-            if not meta.is_file():
-                raise FileNotFoundError(f"{meta}: no finished features; run dvc repro features@{dataset_name} before training {model}")
-            hyper.update(features=dataset_name, features_id=features_identity(meta.read_bytes()))
-    return hyper
+def model_params(params: dict[str, Any], model: str) -> dict[str, Any]:
+    """The model's hyper-parameters from params.yaml (model_params.<model>)."""
+    return dict(config.get(params, f"model_params.{model}", (dict, type(None))) or {})
 
 
 def run(dataset_name: str, model: str, params: dict[str, Any]) -> pd.DataFrame:
@@ -44,7 +33,7 @@ def run(dataset_name: str, model: str, params: dict[str, Any]) -> pd.DataFrame:
     """
     schema.check(params)
     cfg = TrainConfig.from_params(params)
-    hyper = model_params(params, model, dataset_name)
+    hyper = model_params(params, model)
     prepared = config.dataset_dir("prepared", dataset_name)
     data_hash = data_fingerprint(prepared)
     out = config.dataset_dir("runs", dataset_name) / model
@@ -53,7 +42,7 @@ def run(dataset_name: str, model: str, params: dict[str, Any]) -> pd.DataFrame:
     else:
         dataset = data.load(dataset_name, prepared)
         results = [train_run(dataset, model, hyper, cfg, seed, out / f"seed{seed}", data_hash) for seed in cfg.seeds]
-    curves = load_histories(dataset_name, model, cfg.seeds)
+    curves = artifacts.load_histories(dataset_name, model, cfg.seeds)
     numeric = curves.drop(columns=["seed"]).groupby("epoch").mean().reset_index()
     curves_path = config.repo_root() / "reports" / dataset_name / f"curves-{model}.csv"
     curves_path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +103,3 @@ def _train_parallel(dataset_name: str, prepared: Path, model: str, hyper: dict[s
         raise RuntimeError(f"{model} on {dataset_name}: seed(s) {', '.join(map(str, failed))} failed (finished seeds are kept); "
                            f"seed {failed[0]}: {errors[failed[0]]}") from errors[failed[0]]
     return [results[seed] for seed in cfg.seeds]
-
-
-def load_histories(dataset_name: str, model: str, seeds) -> pd.DataFrame:
-    out = config.dataset_dir("runs", dataset_name) / model
-    frames = [pd.read_csv(out / f"seed{s}" / "history.csv").assign(seed=s) for s in seeds]
-    return pd.concat(frames, ignore_index=True)

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from tema import config
+from tema import artifacts, config
 from tema.data import Dataset
 from tema.protocols import evaluate_split, selection_score
 from tema.models import ItemSpace, build
@@ -123,16 +123,16 @@ def code_fingerprint(model_name: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def fingerprint(model_name: str, hyper: dict[str, Any], cfg: TrainConfig, seed: int, data_hash: str) -> str:
-    blob = json.dumps(
-        {
-            "model": model_name, "hyper": hyper,
-            "train": {**{k: v for k, v in asdict(cfg).items() if k != "workers"}, "seeds": None, "device": None},
-            "seed": seed, "data": data_hash, "code": code_fingerprint(model_name),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def fingerprint(model_name: str, hyper: dict[str, Any], cfg: TrainConfig, seed: int, data_hash: str, features_id: str | None = None) -> str:
+    """What a finished run is reused by: model, settings, seed, data, code, and the features it reads (if any)."""
+    run = {
+        "model": model_name, "hyper": hyper,
+        "train": {**{k: v for k, v in asdict(cfg).items() if k != "workers"}, "seeds": None, "device": None},
+        "seed": seed, "data": data_hash, "code": code_fingerprint(model_name),
+    }
+    if features_id is not None:
+        run["features"] = features_id
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def data_fingerprint(prepared_dir: Path) -> str:
@@ -142,12 +142,35 @@ def data_fingerprint(prepared_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_model(dataset: Dataset, model_name: str, hyper: dict[str, Any], cfg: TrainConfig, train: pd.DataFrame):
-    """The model, set up from the training split only (a model's own max_len, if any, overrides train.max_len)."""
+def reads_features(model_name: str) -> bool:
+    """Whether a registered model reads the features stage's arrays (tema.models.tema.ReadsFeatures)."""
+    return bool(getattr(model_class(model_name), "reads_features", False))
+
+
+def model_class(model_name: str) -> type:
+    from tema.models import MODELS  # the package registers every model
+
+    if model_name not in MODELS:
+        raise KeyError(f"params.yaml: unknown model {model_name!r} in 'models'; registered: {sorted(MODELS)}")
+    return MODELS[model_name]
+
+
+def model_features(dataset: Dataset, model_name: str) -> dict[str, Any] | None:
+    """The features stage's arrays of the dataset, for a model that reads them; None for the others."""
+    return artifacts.load_features(dataset.name) if reads_features(model_name) else None
+
+
+def build_model(dataset: Dataset, model_name: str, hyper: dict[str, Any], cfg: TrainConfig, train: pd.DataFrame,
+                features: dict[str, Any] | None = None):
+    """The model, set up from the training split only (a model's own max_len, if any, overrides train.max_len);
+    a model that reads features gets `features` (by default the dataset's, from the features stage)."""
     max_len = int(hyper.get("max_len", cfg.max_len))
     if max_len < 1:
         raise config.ParamsError(f"params.yaml: 'model_params.{model_name}.max_len' must be >= 1, got {max_len}")
-    model = build(model_name, ItemSpace.of(dataset), hyper, max_len)
+    arch = dict(hyper)
+    if reads_features(model_name):
+        arch["features"] = features if features is not None else model_features(dataset, model_name)
+    model = build(model_name, ItemSpace.of(dataset), arch, max_len)
     model.setup(train)
     return model
 
@@ -164,7 +187,8 @@ def train_run(
     """Train one model with one seed into out_dir (model.pt, history.csv, run.json); resumes if done."""
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / "run.json"
-    fp = fingerprint(model_name, hyper, cfg, seed, data_hash)
+    features = model_features(dataset, model_name)
+    fp = fingerprint(model_name, hyper, cfg, seed, data_hash, features["identity"] if features is not None else None)
     if marker.is_file():
         try:
             done = json.loads(marker.read_text())
@@ -181,7 +205,7 @@ def train_run(
     device = resolve_device(cfg.device)
     space = ItemSpace.of(dataset)
     train = dataset.split("train")
-    model = build_model(dataset, model_name, hyper, cfg, train).to(device)
+    model = build_model(dataset, model_name, hyper, cfg, train, features).to(device)
     max_len = model.max_len
     valid = dataset.split("valid")
     started = time.perf_counter()

@@ -42,7 +42,6 @@ from tema.train import model_params, train_parallel
 from tema.training import TrainConfig, data_fingerprint, train_run
 
 MAX_GRID = 100_000
-FEATURE_KEYS = ("features", "features_id")  # added per dataset by tema.train.model_params, not tuned
 
 
 def accepted_keys(model: str) -> set[str]:
@@ -149,7 +148,7 @@ def trial_configs(params: dict[str, Any], model: str, base: dict[str, Any], tria
 def tune_model(dataset: data.Dataset, model: str, configs: list[dict[str, Any]], cfg: TrainConfig, seed: int,
                out_dir: Path, data_hash: str) -> pd.DataFrame:
     """Train every trial of one model (reusing finished ones); one row per trial, scored on validation."""
-    tuned = sorted({k for c in configs for k in c if k not in FEATURE_KEYS and any(c.get(k) != o.get(k) for o in configs)})
+    tuned = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
     rows = []
     for trial, hyper in enumerate(configs):
         result = train_run(dataset, model, hyper, cfg, seed, out_dir / model / f"trial{trial}", data_hash)
@@ -157,7 +156,7 @@ def tune_model(dataset: data.Dataset, model: str, configs: list[dict[str, Any]],
             "model": model, "trial": trial, "tuned": json.dumps({k: hyper.get(k) for k in tuned}, sort_keys=True),
             "valid_MRR": result["best_valid_score"], "best_epoch": result["best_epoch"],
             "epochs_run": result["epochs_run"], "train_seconds": round(result["train_seconds"], 1),
-            "params": json.dumps({k: v for k, v in hyper.items() if k not in FEATURE_KEYS}, sort_keys=True),
+            "params": json.dumps(hyper, sort_keys=True),
             "fingerprint": result["fingerprint"],
         })
     table = pd.DataFrame(rows)
@@ -241,7 +240,7 @@ def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = No
     prepared = config.dataset_dir("prepared", dataset_name)
     dataset = data.load(dataset_name, prepared)
     data_hash = data_fingerprint(prepared)
-    plans = {m: trial_configs(params, m, model_params(params, m, dataset_name), trials, seed) for m in models}  # all errors first
+    plans = {m: trial_configs(params, m, model_params(params, m), trials, seed) for m in models}  # all errors first
     out_dir = config.dataset_dir("tuning", dataset_name)
     if cfg.workers > 1 and sum(len(c) for c in plans.values()) > 1:
         train_trials(dataset_name, prepared, plans, cfg, seed, out_dir, data_hash)

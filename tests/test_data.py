@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import art_office_files, food_kitchen_files, write_raw
-from tema import data
+from tema import data, datasets
 
 
 FK_ITEMS = food_kitchen_files()["items.tsv"]
@@ -17,11 +17,11 @@ AO_HEADER = b"idBefore,item_title,idAfter,item_attribute\n"
 
 def read_tiny(tmp_path, checksums=None, **override):
     write_raw(tmp_path, "food-kitchen", food_kitchen_files(**override), checksums)
-    return data.read_raw("food-kitchen", tmp_path)
+    return datasets.read_raw("food-kitchen", tmp_path)
 
 
 def test_food_kitchen_real_counts(root):
-    ds = data.read_raw("food-kitchen", root / "data" / "raw")
+    ds = datasets.read_raw("food-kitchen", root / "data" / "raw")
     assert ds.n_items == 36298
     assert ds.domain_range("A") == (0, 8661) and ds.domain_range("B") == (8661, 36298)
     counts = ds.sequences.groupby("split").size().to_dict()
@@ -38,7 +38,7 @@ def test_food_kitchen_real_counts(root):
 
 
 def test_art_office_real_counts(root):
-    ds = data.read_raw("art-office", root / "data" / "raw")
+    ds = datasets.read_raw("art-office", root / "data" / "raw")
     assert ds.n_items == 38396
     assert ds.domain_range("B") == (18639, 38396)
     assert ds.sequences.groupby("split").size().to_dict() == {"train": 16000, "valid": 1154, "test": 2000}
@@ -93,18 +93,18 @@ def test_art_office_bad_token_and_duplicate(tmp_path, root):
     files = {"item_listA_F.csv": items_a, "item_listO_AA_F.csv": items_b, "train_F2.txt": good, "valid_F2.txt": good}
     write_raw(tmp_path, "art-office", {**files, "test_F2.txt": b"5\t2\t0|0|0\t2|9|9\t1|2|2\n"})
     with pytest.raises(data.DataError, match=r"test_F2\.txt\.gz:1: expected token 1 to carry position 1"):
-        data.read_raw("art-office", tmp_path)
+        datasets.read_raw("art-office", tmp_path)
     write_raw(tmp_path, "art-office", {**files, "test_F2.txt": good + b"0\t1\t0|0|0\t1|1|1\n"})
     with pytest.raises(data.DataError, match=r"test_F2\.txt\.gz:3: duplicated user 0"):
-        data.read_raw("art-office", tmp_path)
+        datasets.read_raw("art-office", tmp_path)
     write_raw(tmp_path, "art-office", {**files, "test_F2.txt": good})
-    ds = data.read_raw("art-office", tmp_path)
+    ds = datasets.read_raw("art-office", tmp_path)
     assert ds.split("test")["target"].tolist() == [1, 3]
 
 
 def read_tiny_art_office(tmp_path, **override):
     write_raw(tmp_path, "art-office", art_office_files(**override))
-    return data.read_raw("art-office", tmp_path)
+    return datasets.read_raw("art-office", tmp_path)
 
 
 def test_tiny_art_office_canonical_form(tmp_path):

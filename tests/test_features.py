@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import food_kitchen_files, write_raw
-from tema import config, data, features
+from tema import artifacts, config, data, datasets, encoders, features
 
 TAGS = {  # item_id -> [(tag, LLM rank)]
     0: [["soy", 2], ["infant formula", 1]], 1: [["coffee", 1], ["organic", 2], ["dark roast", 3]],
@@ -20,7 +20,7 @@ TAGS = {  # item_id -> [(tag, LLM rank)]
 
 @pytest.fixture(scope="module")
 def encoder():
-    return features.TextEncoder("all-MiniLM-L6-v2")
+    return encoders.TextEncoder("all-MiniLM-L6-v2")
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def repo(tmp_path, monkeypatch, root):
     shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(root / "profiles" / "default.yaml", tmp_path / "params.yaml")
     write_raw(tmp_path / "data" / "raw", "food-kitchen", food_kitchen_files())
-    ds = data.read_raw("food-kitchen", tmp_path / "data" / "raw")
+    ds = datasets.read_raw("food-kitchen", tmp_path / "data" / "raw")
     data.save(ds, tmp_path / "data" / "prepared" / "food-kitchen")
     tags_dir = tmp_path / "data" / "tags" / "food-kitchen"
     tags_dir.mkdir(parents=True)
@@ -51,7 +51,7 @@ def write_item_tags(tags_dir, tags, ds):
 def test_text_and_tag_arrays_in_item_order_with_identical_bits_on_rerun(repo, encoder):
     params = config.load_params()
     meta = features.run("food-kitchen", params, encoder)
-    f = features.load("food-kitchen")
+    f = artifacts.load_features("food-kitchen")
     ds = data.load("food-kitchen", repo / "data" / "prepared" / "food-kitchen")
     assert f["text"].shape == (9, 384) and f["text"].dtype == np.float32
     expected = encoder(features.item_texts(ds.items.sort_values("item_id")))
@@ -86,7 +86,7 @@ def test_a_tag_outside_the_vocabulary_names_the_file_and_item_and_loses_nothing(
     with pytest.raises(data.DataError, match=r"item_tags.tsv: item 5 has tag 'banana', which is not in domain B's vocabulary"):
         features.run("food-kitchen", params, encoder)
     with pytest.raises(FileNotFoundError, match="no finished features"):  # never mistaken for complete
-        features.load("food-kitchen")
+        artifacts.load_features("food-kitchen")
     assert (repo / "data" / "features" / "food-kitchen" / "text.npy").is_file()  # what was computed stays
 
 
@@ -94,7 +94,7 @@ def test_without_tags_the_stage_says_so(repo, encoder):
     shutil.rmtree(repo / "data" / "tags")
     meta = features.run("food-kitchen", config.load_params(), encoder)
     assert not meta["tags"]["available"] and "not in tag_datasets" in meta["tags"]["reason"]
-    assert set(features.load("food-kitchen")) == {"meta", "text", "visual_mask"}
+    assert set(artifacts.load_features("food-kitchen")) == {"meta", "identity", "text", "visual_mask"}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_images_are_embedded_and_missing_or_corrupt_ones_recorded(repo, encoder,
         features.run("food-kitchen", params, encoder)
     params["features"]["image_encoder"] = str(tiny_clip)
     meta = features.run("food-kitchen", params, encoder)
-    f = features.load("food-kitchen")
+    f = artifacts.load_features("food-kitchen")
     assert meta["visual"] == {**meta["visual"], "available": True, "dim": 16, "images": 4, "embedded": 2, "failed": 2}
     assert list(np.asarray(f["visual_mask"])) == [1, 0, 0, 0, 1, 0, 0, 0, 0]
     visual = np.asarray(f["visual"])

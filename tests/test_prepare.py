@@ -50,7 +50,7 @@ def test_outputs_replace_the_old_folder_as_a_whole(repo):
     stats = prepare.run("food-kitchen", PARAMS)
     assert stats["items"] == {"A": 4, "B": 5}
     first = snapshot(out)
-    assert set(first) == {"items.parquet", "sequences.parquet", "candidates.parquet", "stats.json",
+    assert set(first) == {"items.parquet", "dataset.json", "sequences.parquet", "candidates.parquet", "stats.json",
                           "figures/history_lengths.png", "figures/item_popularity.png"}
     (out / "left-over.txt").write_text("from an older version")
     (repo / "data" / "prepared" / ".food-kitchen.tmp-999999").mkdir()  # what a killed run leaves

@@ -54,7 +54,7 @@ CASES = [
     ("model_params.c2dsr.colour", 1, "model_params.c2dsr.colour: unknown key; c2dsr accepts ['blocks', 'dim'"),
     ("model_params.tema.tags", "bag", "model_params.tema.tags: expected one of ['weighted', 'mean', 'none'], got 'bag'"),
     ("model_params.tema-no-tags.tags", "weighted", "model_params.tema-no-tags.tags: this ablation fixes tags = 'none'"),
-    ("model_params.tema.features", "food-kitchen", "model_params.tema.features: set by the train stage"),
+    ("model_params.tema.features", "food-kitchen", "model_params.tema.features: the trainer passes each dataset's features"),
     ("model_params.sasrec", KeyError, "model_params.sasrec: missing; expected the hyper-parameters of sasrec"),
     ("llm.timeout_s", "soon", "llm.timeout_s: expected a number > 0, got 'soon'"),
     ("llm.k", "five", "llm.k: expected an integer >= 1 and <= 20, got 'five'"),

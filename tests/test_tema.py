@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from test_training import N_A, N_B, cfg, synthetic
+from tema import artifacts
 from tema import train as train_stage
 from tema.models import MODELS, ItemSpace, build
-from tema.models.tema import ABLATIONS, features_identity
-from tema.training import load_run, train_run
+from tema.models.tema import ABLATIONS
+from tema.training import fingerprint, load_run, model_features, train_run
 
 SPACE = ItemSpace(N_A + N_B, {"A": (0, N_A), "B": (N_A, N_A + N_B)})
 HYPER = {"dim": 16, "dropout": 0.0, "blocks": 1}
@@ -150,29 +151,30 @@ def repo(tmp_path, monkeypatch):
 def test_learns_and_reloads_from_the_features_stage(repo, name):
     write_features(repo, "synthetic", bank())
     params = {"model_params": {name: {"dim": 32, "dropout": 0.0, "lr": 0.01}}}
-    hyper = train_stage.model_params(params, name, "synthetic")
-    meta = (repo / "data" / "features" / "synthetic" / "meta.json").read_bytes()
-    assert hyper["features"] == "synthetic" and hyper["features_id"] == features_identity(meta)
+    hyper = train_stage.model_params(params, name)
     ds = synthetic()
+    assert ds.name == "synthetic" and hyper == params["model_params"][name]  # the trainer adds the features itself
     result = train_run(ds, name, hyper, cfg(max_epochs=12, patience=12), 1, repo / "run", "d")
     assert result["best_valid_score"] > 0.5
+    assert result["fingerprint"] == fingerprint(name, hyper, cfg(max_epochs=12, patience=12), 1, "d", artifacts.features_identity("synthetic"))
     state = torch.load(repo / "run" / "model.pt", weights_only=True)
     assert not any(k.endswith(("text", "tag_vectors", "item_tags")) for k in state)  # frozen arrays stay in data/features
     loaded = load_run(ds, name, hyper, cfg(), repo / "run")
     with torch.no_grad():
         assert loaded.score([[1, 2, 3]], "B").shape == (1, N_B)
 
+    old = artifacts.features_identity("synthetic")
     write_features(repo, "synthetic", bank(seed=5))  # new features: the stored run no longer matches them
-    new_hyper = train_stage.model_params(params, name, "synthetic")  # what the evaluate stage would pass now
-    assert new_hyper["features_id"] != hyper["features_id"]
+    assert artifacts.features_identity("synthetic") != old  # so the run's fingerprint changes: it retrains
     with pytest.raises(ValueError, match="features changed"):
-        load_run(ds, name, new_hyper, cfg(), repo / "run")
+        load_run(ds, name, hyper, cfg(), repo / "run")
 
 
 def test_models_without_features_are_unchanged_and_missing_features_are_named(repo):
-    assert train_stage.model_params({"model_params": {"sasrec": {"dim": 16}}}, "sasrec", "synthetic") == {"dim": 16}
+    ds = synthetic()
+    assert model_features(ds, "sasrec") is None
     with pytest.raises(FileNotFoundError, match="features@synthetic"):
-        train_stage.model_params({"model_params": {"tema": {}}}, "tema", "synthetic")
+        model_features(ds, "tema")
     with pytest.raises(ValueError, match="features"):
         build("tema", SPACE, {}, 10)
 

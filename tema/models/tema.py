@@ -28,17 +28,16 @@ Also here: SASRec-text, the baseline that isolates what tags add beyond text (it
 vector, no tags, one merged sequence). It lives in this module so that a change to the shared item
 representation retrains both (tema.training fingerprints a model's own module).
 
-The frozen arrays come from the features stage: tema.train.model_params passes the dataset whose
-features to read (`features`) and their identity (`features_id`, part of the run's fingerprint, so new
-features retrain the model). The checkpoint records that identity too, and loading it into a model built
-on other features is an error. Known gap: TEMA uses sasrec.py's Block and mask, and the run fingerprint
+The frozen arrays come from the features stage: the trainer (tema.training) reads them through
+tema.artifacts and passes them as `features`, with their identity, which is part of the run's fingerprint
+(new features retrain the model). The checkpoint records that identity too, and loading it into a model
+built on other features is an error. Known gap: TEMA uses sasrec.py's Block and mask, and the run fingerprint
 hashes a model's own module only, so an edit to sasrec.py re-runs the train stage (dvc tracks tema/models)
 but reuses TEMA's finished runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from typing import Any
 
@@ -72,26 +71,12 @@ DEVIATIONS = [
 ]
 
 
-def features_identity(meta_bytes: bytes) -> str:
-    """The identity of a features directory: a hash of its meta.json (encoders, input hashes, dimensions)."""
-    return hashlib.sha256(meta_bytes).hexdigest()[:16]
-
-
-def read_features(features: str | dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """(arrays, identity): a dict of arrays as given (identity ""), or the features stage's output of dataset
-    `features` with the identity of its meta.json."""
-    if isinstance(features, dict):
-        return features, ""
-    from tema import config
-    from tema import features as feature_stage
-
-    bank = feature_stage.load(features)
-    return bank, features_identity((config.dataset_dir("features", features) / "meta.json").read_bytes())
-
-
 class ReadsFeatures:
-    """Mixin: the checkpoint records the identity of the features it was trained on (a persistent buffer), and
-    loading it into a model built on other features is an error, not a silently different model."""
+    """Mixin of the models that read the features stage's arrays: the trainer hands them `features` (the arrays of
+    tema.artifacts.load_features, with their 'identity'). The checkpoint records that identity (a persistent
+    buffer), and loading it into a model built on other features is an error, not a silently different model."""
+
+    reads_features = True
 
     def remember_features(self, identity: str) -> None:
         self.register_buffer("features_key", torch.tensor(list(identity.ljust(16).encode()[:16]), dtype=torch.uint8))
@@ -307,23 +292,20 @@ class TEMAModel(ReadsFeatures, SequenceRecommender):
     def __init__(
         self, space: ItemSpace, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 2, dropout: float = 0.2,
         tags: str = "weighted", tag_attention: bool = True, cross_attention: bool = True, text: bool = True,
-        visual: bool = True, aux_weight: float = 0.5, features: str | dict[str, Any] | None = None,
-        features_id: str | None = None,
+        visual: bool = True, aux_weight: float = 0.5, features: dict[str, Any] | None = None,
     ):
-        # features_id is not read here: it carries the features' identity into the run's fingerprint.
         super().__init__(space, max_len)
         given = {"tags": tags, "tag_attention": tag_attention, "cross_attention": cross_attention, "text": text, "visual": visual}
         if features is None:
-            raise ValueError("TEMA reads the features stage's arrays: build it through tema.train.model_params, which passes 'features'")
+            raise ValueError("TEMA reads the features stage's arrays: pass them as 'features' (tema.training does)")
         if len(space.domain_ranges) != 2:
             raise ValueError(f"TEMA needs exactly two domains, got {sorted(space.domain_ranges)}")
         self.switches = given
         self.domains = sorted(space.domain_ranges)
         self.ranges = [space.domain_ranges[d] for d in self.domains]
         self.aux_weight = aux_weight
-        bank, identity = read_features(features)
-        self.remember_features(identity)
-        self.items = ItemRepresentation(space.n_items, dim, bank, given["text"], given["visual"], given["tags"])
+        self.remember_features(features.get("identity", ""))
+        self.items = ItemRepresentation(space.n_items, dim, features, given["text"], given["visual"], given["tags"])
         tag_attention = given["tag_attention"] and self.items.has_tags
         self.streams_ = nn.ModuleList(Stream(dim, blocks, heads, dropout, max_len, tag_attention) for _ in range(3))  # S, A, B
         self.cross = nn.ModuleList(CrossAttention(dim, heads, dropout) for _ in range(2)) if given["cross_attention"] else None
@@ -467,15 +449,14 @@ class SASRecText(ReadsFeatures, SequenceRecommender):
 
     def __init__(
         self, space: ItemSpace, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 2, dropout: float = 0.2,
-        features: str | dict[str, Any] | None = None, features_id: str | None = None,
+        features: dict[str, Any] | None = None,
     ):
         super().__init__(space, max_len)
         if features is None:
-            raise ValueError("SASRec-text reads the features stage's text vectors: build it through tema.train.model_params")
+            raise ValueError("SASRec-text reads the features stage's text vectors: pass them as 'features' (tema.training does)")
         self.ranges = [space.domain_ranges[d] for d in sorted(space.domain_ranges)]
-        bank, identity = read_features(features)
-        self.remember_features(identity)
-        self.items = ItemRepresentation(space.n_items, dim, bank, text=True, visual=False, tags="none")
+        self.remember_features(features.get("identity", ""))
+        self.items = ItemRepresentation(space.n_items, dim, features, text=True, visual=False, tags="none")
         self.stream = Stream(dim, blocks, heads, dropout, max_len, tag_attention=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -494,10 +475,3 @@ class SASRecText(ReadsFeatures, SequenceRecommender):
         start, stop = self.space.domain_ranges[domain]
         table = self.items(torch.arange(start + 1, stop + 1, device=device))
         return (self.encode(seqs)[:, -1] @ table.T).cpu()
-
-
-def uses_features(cls: type) -> bool:
-    """Whether a registered model reads the features stage (tema.train passes it `features`)."""
-    return issubclass(cls, (TEMAModel, SASRecText))
-
-

@@ -1,0 +1,172 @@
+"""Every stage's outputs: where they live, and how they are written and read back.
+
+A stage writes its own outputs and reads those of the stages below it through this module only, so no
+stage imports another to find a file. The layout (all under the repository root):
+
+- data/prepared/<dataset>/   items.parquet, sequences.parquet, candidates.parquet, stats.json  (prepare)
+- <tags.out_dir>/<dataset>/  item_tags.tsv, vocabulary.tsv, pass1_tags.tsv, failures.tsv,
+                             provenance.json, accounting.json                                     (tags)
+- data/features/<dataset>/   text.npy, tags.tsv, tag_vectors.npy, item_tag_ids.npy, item_tag_ranks.npy,
+                             visual.npy, visual_mask.npy, visual_failures.tsv, meta.json           (features)
+- data/runs/<dataset>/<model>/seed<k>/   model.pt, history.csv, run.json                           (train)
+- data/eval/<table>/         per_user.parquet, explanations.json                                   (evaluate)
+
+A directory whose completion marker (meta.json, run.json) is missing is not finished, and reading it is an
+error that names the stage to run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tema import config
+from tema.data import DataError
+
+# -- paths ---------------------------------------------------------------------------------------------
+
+def prepared_dir(dataset: str) -> Path:
+    return config.dataset_dir("prepared", dataset)
+
+
+def tags_dir(params: dict[str, Any], dataset: str) -> Path:
+    return config.tags_dir(params, dataset)
+
+
+def features_dir(dataset: str) -> Path:
+    return config.dataset_dir("features", dataset)
+
+
+def runs_dir(dataset: str, model: str | None = None) -> Path:
+    out = config.dataset_dir("runs", dataset)
+    return out / model if model else out
+
+
+def run_dir(dataset: str, model: str, seed: int) -> Path:
+    return runs_dir(dataset, model) / f"seed{seed}"
+
+
+def eval_dir(table: str) -> Path:
+    return config.dataset_dir("eval", table)
+
+
+def reports_dir(name: str = "") -> Path:
+    out = config.repo_root() / "reports"
+    return out / name if name else out
+
+
+# -- writing -------------------------------------------------------------------------------------------
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """An .npy file, written aside and moved into place (a reader never sees half an array)."""
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, content: Any) -> None:
+    """A JSON file, written aside and moved into place (used for completion markers)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+# -- prepare -------------------------------------------------------------------------------------------
+
+def load_stats(dataset: str) -> dict[str, Any]:
+    return json.loads((prepared_dir(dataset) / "stats.json").read_text())
+
+
+def load_candidates(prepared: Path, split: str, examples: pd.DataFrame) -> np.ndarray:
+    """The saved candidates of one split, aligned with its examples (checked by user key)."""
+    path = prepared / "candidates.parquet"
+    table = pd.read_parquet(path)
+    table = table[table["split"] == split].reset_index(drop=True)
+    if table["user"].tolist() != examples["user"].tolist():
+        raise DataError(f"{path}: the {split} candidates do not match the prepared {split} examples; re-run prepare")
+    return np.stack(table["candidates"].to_numpy()).astype(np.int64)
+
+
+# -- tags ----------------------------------------------------------------------------------------------
+
+TAG_FILES = ("item_tags.tsv", "vocabulary.tsv", "pass1_tags.tsv", "failures.tsv", "provenance.json", "accounting.json")
+
+
+def has_tags(tag_dir: Path) -> bool:
+    return (tag_dir / "vocabulary.tsv").is_file() and (tag_dir / "item_tags.tsv").is_file()
+
+
+def load_item_tags(tag_dir: Path) -> pd.DataFrame:
+    """item_id, domain, tags (list of [tag, llm_rank]) as the tags stage wrote them into `tag_dir`."""
+    table = pd.read_csv(tag_dir / "item_tags.tsv", sep="\t", quoting=csv.QUOTE_NONE)
+    table["tags"] = table["tags"].map(json.loads)
+    return table
+
+
+def load_vocabulary(tag_dir: Path) -> pd.DataFrame:
+    """domain, tag, count, ... one row per vocabulary tag, as the tags stage wrote it."""
+    return pd.read_csv(tag_dir / "vocabulary.tsv", sep="\t", keep_default_na=False)
+
+
+# -- features ------------------------------------------------------------------------------------------
+
+FEATURE_ARRAYS = ("text", "tag_vectors", "item_tag_ids", "item_tag_ranks", "visual", "visual_mask")
+
+
+def features_meta_path(dataset: str) -> Path:
+    return features_dir(dataset) / "meta.json"
+
+
+def features_identity(dataset: str) -> str:
+    """The identity of a dataset's features: a hash of their meta.json (encoders, input hashes, dimensions)."""
+    meta = features_meta_path(dataset)
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta}: no finished features (meta.json missing); run dvc repro features@{dataset}")
+    return hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
+
+
+def load_features(dataset: str) -> dict[str, Any]:
+    """The feature arrays of a dataset (memory-mapped npy), 'meta', 'tags' (the tag table) and 'identity'."""
+    out = features_dir(dataset)
+    identity = features_identity(dataset)
+    result: dict[str, Any] = {"meta": json.loads((out / "meta.json").read_text()), "identity": identity}
+    for name in FEATURE_ARRAYS:
+        if (out / f"{name}.npy").is_file():
+            result[name] = np.load(out / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+    if (out / "tags.tsv").is_file():
+        result["tags"] = pd.read_csv(out / "tags.tsv", sep="\t", keep_default_na=False)
+    return result
+
+
+# -- train ---------------------------------------------------------------------------------------------
+
+def load_histories(dataset: str, model: str, seeds) -> pd.DataFrame:
+    """Every seed's per-epoch history of one model, with a `seed` column."""
+    frames = [pd.read_csv(run_dir(dataset, model, s) / "history.csv").assign(seed=s) for s in seeds]
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_run_summary(dataset: str, model: str, seed: int) -> dict[str, Any]:
+    marker = run_dir(dataset, model, seed) / "run.json"
+    if not marker.is_file():
+        raise FileNotFoundError(f"{marker.parent}: no finished run (run.json missing); run the train stage first")
+    return json.loads(marker.read_text())
+
+
+# -- evaluate ------------------------------------------------------------------------------------------
+
+def load_per_user(table: str) -> pd.DataFrame:
+    return pd.read_parquet(eval_dir(table) / "per_user.parquet")
+
+
+def load_explanations(table: str) -> dict[str, Any] | None:
+    """The evaluate stage's explanations of a table (sample users' top items and shared tags), or None."""
+    path = eval_dir(table) / "explanations.json"
+    return json.loads(path.read_text()) if path.is_file() else None
