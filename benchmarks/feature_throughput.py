@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tema import config, data, datasets, encoders, features  # noqa: E402
+from tema import config, datasets, encoders, features  # noqa: E402
 
 
 def tag_texts(dataset: str) -> tuple[list[str], str]:

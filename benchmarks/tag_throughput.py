@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tema import config, data, datasets, llm  # noqa: E402
+from tema import config, datasets, llm  # noqa: E402
 from tema.tagging import TagCache, tag_items  # noqa: E402
 from tema.tags import items_to_tag, settings_from_params  # noqa: E402
 

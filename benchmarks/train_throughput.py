@@ -3,7 +3,8 @@
 For each model: sequences/s, seconds per epoch, validation time (full ranking) and the validation MRR
 after each epoch, then a summary table with each model's time per epoch relative to the first model.
 Reads the vendored raw data directly; models that read frozen features (TEMA, its ablations, SASRec-text)
-need the features stage's output first (dvc repro features@<dataset>). Peak RSS is for the whole process.
+need the features stage's output first (dvc repro features@<dataset>). Each measurement is the study's training
+loop (tema.training.fit) with seed 0 and no early stopping, on train.device. Peak RSS is for the whole process.
 
     python benchmarks/train_throughput.py --models sasrec c2dsr --epochs 1
     python benchmarks/train_throughput.py --models sasrec sasrec-text tema --epochs 2
@@ -17,10 +18,10 @@ train.workers and train.num_threads for a machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import resource
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,44 +30,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tema import config, data, datasets  # noqa: E402
-from tema.models import ItemSpace  # noqa: E402
-from tema.protocols import evaluate_split, selection_score  # noqa: E402
+from tema import config, datasets  # noqa: E402
 from tema.train import model_params  # noqa: E402
-from tema.training import TrainConfig, build_model, seed_everything, training_batches  # noqa: E402
+from tema.training import TrainConfig, build_model, fit, resolve_device, seed_everything  # noqa: E402
 
 
 def measure(name: str, dataset, params: dict, cfg: TrainConfig, epochs: int) -> dict:
+    """`epochs` epochs of the training loop (tema.training.fit, seed 0, no early stop) on train.device."""
     hyper = model_params(params, name)
+    cfg = dataclasses.replace(cfg, max_epochs=epochs, patience=epochs)
     seed_everything(0)
-    space = ItemSpace.of(dataset)
+    device = resolve_device(cfg.device)
     train, valid = dataset.split("train"), dataset.split("valid")
-    model = build_model(dataset, name, hyper, cfg, train)
-    sequences = [h + [t] for h, t in zip(train["history"], train["target"])]
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(hyper.get("lr", 1e-3)),
-                                 weight_decay=float(hyper.get("weight_decay", 0.0)), fused=True)
-    rng = np.random.default_rng(0)
-    print(f"{name}: {len(sequences)} training sequences, max_len {model.max_len}, {cfg.num_threads} threads, "
+    model = build_model(dataset, name, hyper, cfg, train).to(device)
+    if not model.trainable:
+        raise SystemExit(f"{name}: not trained by gradient steps, so there are no epochs to time")
+    print(f"{name}: {len(train)} training sequences, max_len {model.max_len}, {cfg.num_threads} threads, {device}, "
           f"loss={cfg.loss}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    epoch_times, eval_times = [], []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        start = time.perf_counter()
-        for inputs, targets in training_batches(sequences, cfg.batch_size, model.max_len, rng):
-            loss = model.training_loss(inputs, targets, cfg.loss, cfg.n_negatives)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        epoch_times.append(time.perf_counter() - start)
-        model.eval()
-        start = time.perf_counter()
-        with torch.no_grad():
-            per_user = evaluate_split(model.score, valid, space.domain_ranges, None, cfg.eval_batch_size, ("full",))
-        eval_times.append(time.perf_counter() - start)
-        print(f"  epoch {epoch}: {epoch_times[-1]:.1f} s, {len(sequences) / epoch_times[-1]:.0f} sequences/s; "
-              f"validation ({len(valid)} users, full ranking) {eval_times[-1]:.2f} s, MRR {selection_score(per_user):.4f}")
-    return {"model": name, "seconds_per_epoch": float(np.mean(epoch_times)),
-            "sequences_per_s": len(sequences) / float(np.mean(epoch_times)), "eval_seconds": float(np.mean(eval_times))}
+    fitted = fit(model, train, valid, cfg, hyper, 0, device, name)
+    for row, valid_seconds in zip(fitted.history, fitted.validation_seconds, strict=True):
+        print(f"  epoch {row['epoch']}: {row['seconds']:.1f} s, {row['sequences'] / row['seconds']:.0f} sequences/s; "
+              f"validation ({len(valid)} users, full ranking) {valid_seconds:.2f} s, MRR {row['valid_score']:.4f}")
+    seconds = float(np.mean([row["seconds"] for row in fitted.history]))
+    return {"model": name, "seconds_per_epoch": seconds, "sequences_per_s": len(train) / seconds,
+            "eval_seconds": float(np.mean(fitted.validation_seconds)), "valid_score": fitted.history[-1]["valid_score"]}
 
 
 def measure_in_process(args: tuple) -> dict:

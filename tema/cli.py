@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(argv: list[str]) -> int:
+    # Each command imports its stage when it runs, not at the top: `tema profile` and `tema llm` stay quick, and no
+    # command pays for torch, papermill or the LLM client it does not use.
     if argv[:1] == ["llm"]:
         from tema.llm import main as llm_main
 
@@ -140,7 +142,8 @@ def run_command(argv: list[str]) -> int:
     elif args.command == "tags":
         import json
 
-        from tema.tags import generate, run as run_tags
+        from tema.tags import generate
+        from tema.tags import run as run_tags
 
         if args.all and args.limit is not None:
             parser.error("--all runs the stage's items (tags.limit_items in params.yaml); it takes no --limit")

@@ -100,7 +100,8 @@ def evaluations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
         check_name("evaluations", name)
         if not isinstance(spec, dict) or not isinstance(spec.get("dataset"), str) or not isinstance(spec.get("models"), list) \
                 or not spec["models"] or set(spec) - {"dataset", "models"}:
-            raise ParamsError(f"params.yaml: 'evaluations.{name}' must be a mapping with 'dataset' (a name) and 'models' (a non-empty list), got {spec!r}")
+            raise ParamsError(f"params.yaml: 'evaluations.{name}' must be a mapping with 'dataset' (a name) and 'models' "
+                              f"(a non-empty list), got {spec!r}")
         if spec["dataset"] not in datasets:
             raise ParamsError(f"params.yaml: 'evaluations.{name}.dataset' is {spec['dataset']!r}, which is not among 'datasets' {datasets}")
         untrained = [m for m in spec["models"] if m not in models]

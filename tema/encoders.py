@@ -100,7 +100,8 @@ def read_image(source: str, root: Path, timeout_s: float = 10.0):
     return image.convert("RGB")
 
 
-def encode_images(items: pd.DataFrame, encoder: str | None, root: Path, batch_size: int = 32) -> tuple[np.ndarray | None, np.ndarray, pd.DataFrame, dict]:
+def encode_images(items: pd.DataFrame, encoder: str | None, root: Path,
+                  batch_size: int = 32) -> tuple[np.ndarray | None, np.ndarray, pd.DataFrame, dict]:
     """(features or None, mask, failures, info). Items without an image, or whose image fails, get zeros and mask 0."""
     n = len(items)
     mask = np.zeros(n, dtype=np.uint8)

@@ -14,24 +14,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tema import config, data, schema
-from tema.prepare import load_candidates
+from tema import artifacts, config, data, schema
+from tema.artifacts import load_candidates
+from tema.models import registry
 from tema.protocols import METRICS, PROTOCOLS, evaluate_split
 from tema.train import model_params
-from tema.training import TrainConfig, load_run
+from tema.training import TrainConfig, load_run, model_class
 
 
 def evaluate_all(dataset_name: str, params: dict[str, Any], models: list[str]) -> pd.DataFrame:
     cfg = TrainConfig.from_params(params)
-    prepared = config.dataset_dir("prepared", dataset_name)
+    prepared = artifacts.prepared_dir(dataset_name)
     dataset = data.load(dataset_name, prepared)
     space_ranges = {d: dataset.domain_range(d) for d in data.DOMAINS}
     splits = {s: (dataset.split(s), load_candidates(prepared, s, dataset.split(s))) for s in ("valid", "test")}
     frames = []
     for model in models:
         for seed in cfg.seeds:
-            run_dir = config.dataset_dir("runs", dataset_name) / model / f"seed{seed}"
-            recommender = load_run(dataset, model, model_params(params, model), cfg, run_dir)
+            recommender = load_run(dataset, model, model_params(params, model), cfg, artifacts.run_dir(dataset_name, model, seed))
             for split, (examples, candidates) in splits.items():
                 per_user = evaluate_split(recommender.score, examples, space_ranges, candidates, cfg.eval_batch_size, PROTOCOLS)
                 frames.append(per_user.assign(model=model, seed=seed, split=split))
@@ -60,7 +60,7 @@ def significance(per_user: pd.DataFrame, reference: str, split: str = "test", me
 
     Pairs are users (examples) of one protocol and target domain; each user's metric is first averaged
     over seeds. Returns one row per (protocol, domain, model, metric): the model's group (`ablation` for
-    TEMA's ablations, else `baseline`), both means, their difference, the number of pairs, the p-value (1.0
+    the registry's ablations, such as TEMA's, else `baseline`), both means, their difference, the number of pairs, the p-value (1.0
     when every pair is tied) and `p_holm`, the p-value after Holm's step-down correction over all tests of
     the same group in the table (every protocol, domain, metric and model of the group), so that "TEMA is
     better in some cells" can be read at a family-wise 5% level.
@@ -90,12 +90,11 @@ def significance(per_user: pd.DataFrame, reference: str, split: str = "test", me
 
 def with_holm(table: pd.DataFrame) -> pd.DataFrame:
     """A significance table with its `group` column (baseline or ablation) and `p_holm` (Holm within each group)."""
-    from tema.models.tema import ABLATIONS
-
     if not len(table):
         return table
     table = table.drop(columns=["group", "p_holm"], errors="ignore")
-    table.insert(4, "group", ["ablation" if m in ABLATIONS else "baseline" for m in table["model"]])
+    ablations = set(registry.names("ablation"))
+    table.insert(4, "group", ["ablation" if m in ablations else "baseline" for m in table["model"]])
     table["p_holm"] = table.groupby("group", sort=False)["p_value"].transform(holm)
     return table
 
@@ -133,30 +132,59 @@ def run(table: str, params: dict[str, Any]) -> pd.DataFrame:
     schema.check(params)
     spec = table_spec(params, table)
     per_user = evaluate_all(spec["dataset"], params, spec["models"])
-    eval_dir = config.dataset_dir("eval", table)
+    eval_dir = artifacts.eval_dir(table)
     eval_dir.mkdir(parents=True, exist_ok=True)
     per_user.to_parquet(eval_dir / "per_user.parquet", index=False)
     summary = summarize_seeds(per_user)
-    order = {m: i for i, m in enumerate(spec["models"])}
-    summary = summary.sort_values(["protocol", "domain", "model"], key=lambda c: c.map(order) if c.name == "model" else c)
-    report_dir = config.repo_root() / "reports" / table
+    order = {"protocol": {p: i for i, p in enumerate(PROTOCOLS)}, "model": {m: i for i, m in enumerate(spec["models"])}}
+    summary = summary.sort_values(["protocol", "domain", "model"], key=lambda c: c.map(order[c.name]) if c.name in order else c)
+    report_dir = artifacts.reports_dir(table)
     report_dir.mkdir(parents=True, exist_ok=True)
     summary.to_csv(report_dir / "results.csv", index=False, float_format="%.6f")
     (report_dir / "metrics.json").write_text(json.dumps(metrics_json(summary), indent=2) + "\n")
     reference = config.get(params, "evaluate.reference", (str, type(None)))
     sig = significance(per_user, reference) if reference else pd.DataFrame()
     sig.to_csv(report_dir / "significance.csv", index=False, float_format="%.6g")
+    artifacts.write_json(eval_dir / "explanations.json", explain_users(spec["dataset"], params, explained_model(params, spec["models"])))
     return summary
 
 
-def format_table(summary: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
-    """Models x (protocol, domain, metric) with 'mean ± std' cells, for reports."""
-    cells = summary.copy()
-    for m in metrics:
-        cells[m] = [f"{a:.4f} ± {b:.4f}" for a, b in zip(cells[f"mean_{m}"], cells[f"std_{m}"])]
-    wide = cells.pivot(index="model", columns=["protocol", "domain"], values=list(metrics))
-    wide = wide.reorder_levels([1, 2, 0], axis=1)
-    ordered = [(p, d, m) for p in PROTOCOLS for d in data.DOMAINS for m in metrics if (p, d, m) in wide.columns]
-    models = list(dict.fromkeys(summary["model"]))
-    return wide.loc[models, ordered]
+def explained_model(params: dict[str, Any], models: list[str]) -> str | None:
+    """The model whose recommendations the report explains: `evaluate.reference` if it is in the table and can
+    explain itself (has an `explain` method), else the table's first model that can; None if none can."""
+    reference = config.get(params, "evaluate.reference", (str, type(None)))
+    able = [m for m in models if hasattr(model_class(m), "explain")]
+    return reference if reference in able else next(iter(able), None)
 
+
+def explain_users(dataset_name: str, params: dict[str, Any], model: str | None, n_users: int = 3, top: int = 5) -> dict[str, Any] | None:
+    """For a few test users (seeded sample, histories with both domains): the model's top items in the target's
+    domain with their tags, and where the model looked (tema.models.tema.TEMAModel.explain), from the first
+    seed's run. JSON-ready: the report renders it without loading a model."""
+    if model is None:
+        return None
+    cfg = TrainConfig.from_params(params)
+    dataset = data.load(dataset_name, artifacts.prepared_dir(dataset_name))
+    recommender = load_run(dataset, model, model_params(params, model), cfg, artifacts.run_dir(dataset_name, model, cfg.seeds[0]))
+    bank = artifacts.load_features(dataset_name)
+    names = list(bank["tags"]["tag"]) if "tags" in bank else []
+    tag_ids = bank.get("item_tag_ids")
+    titles = dataset.items.set_index("item_id")["title"]
+    domain_of = dataset.items.set_index("item_id")["domain"]
+
+    def item(i: int) -> dict[str, Any]:
+        tags = [] if tag_ids is None else [names[t] for t in tag_ids[i] if t >= 0]
+        return {"item": int(i), "domain": str(domain_of[i]), "title": str(titles.get(i, "")), "tags": tags}
+
+    test = dataset.split("test")
+    mixed = test[[len({domain_of[i] for i in h}) == 2 for h in test["history"]]]
+    users = []
+    for _, row in mixed.sample(min(n_users, len(mixed)), random_state=0).iterrows():
+        why = recommender.explain(list(row["history"]), row["target_domain"], top=top)
+        history = [item(i) for i in why["history"]]
+        for j, entry in enumerate(history):
+            for key in ("self_attention", "tag_attention", "cross_attention"):
+                entry[key] = why[key][j] if why.get(key) else None
+        users.append({"user": str(row["user"]), "target_domain": str(row["target_domain"]), "target": item(int(row["target"])),
+                      "history": history, "recommended": [item(i) for i in why["recommended"]]})
+    return {"model": model, "seed": int(cfg.seeds[0]), "top": top, "users": users}

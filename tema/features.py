@@ -32,6 +32,17 @@ from tema import artifacts, config, data, schema
 from tema.encoders import TextEncoder, encode_images, sha256_lines
 
 
+def text_rows(dataset: data.Dataset, params: dict[str, Any]) -> np.ndarray:
+    """The items whose text is encoded: every item (`features.text_items: all`, the default), or with `used` only
+    those in some example's history or target (a quick run on a subsample, as the smoke profile: an item no
+    example uses can only be a ranking candidate, and it gets a zero text vector)."""
+    if (params.get("features") or {}).get("text_items", "all") == "all":
+        return np.arange(dataset.n_items)
+    seqs = dataset.sequences
+    used = np.concatenate([np.concatenate(seqs["history"].to_numpy()), seqs["target"].to_numpy()]).astype(np.int64)
+    return np.unique(used)
+
+
 def item_texts(items: pd.DataFrame) -> list[str]:
     """Title, then description or attributes where present (the encoder truncates to its limit)."""
     return [f"{t}. {x}" if x else str(t) for t, x in zip(items["title"], items["text"].fillna(""))]
@@ -87,10 +98,16 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
 
     texts = item_texts(items)
     started = time.perf_counter()
-    artifacts.write_npy(out / "text.npy", encoder(texts, desc=f"{dataset_name} item text"))
+    rows = text_rows(dataset, params)
+    vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)
+    vectors[rows] = encoder([texts[i] for i in rows], desc=f"{dataset_name} item text")
+    artifacts.write_npy(out / "text.npy", vectors)
     meta["text"] = {"encoder": name, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length,
                     "input_sha256": sha256_lines(texts)}
-    print(f"{dataset_name}: {len(texts):,} item texts in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if len(rows) < len(items):
+        meta["text"]["items"] = {"encoded": len(rows), "zero": len(items) - len(rows),
+                                 "rule": "features.text_items: used (only the items of some example; the others get zeros)"}
+    print(f"{dataset_name}: {len(rows):,} item texts in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
     tag_dir = artifacts.tags_dir(params, dataset_name)
     for stale in ("tags.tsv", "tag_vectors.npy", "item_tag_ids.npy", "item_tag_ranks.npy"):

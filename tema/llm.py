@@ -108,7 +108,7 @@ def free_port() -> int:
 
 def serve_forever(model_path: Path, alias: str, port: int, n_parallel: int, n_ctx: int, threads: int) -> None:
     """Run llama.cpp's server in this process until SIGTERM or SIGINT (what `tema llm serve` does)."""
-    import xllamacpp
+    import xllamacpp  # llama.cpp's bindings: only in the server's own process
 
     params = xllamacpp.CommonParams()
     params.model.path = str(model_path)
@@ -164,7 +164,7 @@ class Endpoint:
 
     def client(self, timeout: float, max_retries: int = 0):
         """An openai client; the key comes only from OPENAI_API_KEY (a placeholder for the local server)."""
-        from openai import OpenAI
+        from openai import OpenAI  # only where an endpoint is used: openai takes about a second to import
 
         return OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
                       timeout=timeout, max_retries=max_retries)

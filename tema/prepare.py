@@ -18,15 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from tema import config, data, datasets, schema
 from tema.protocols import sample_candidates
+from tema.views import PNG_METADATA, new_figure
 
 
 def subsample(dataset: data.Dataset, train_users: int | None, eval_users: int | None, seed: int) -> data.Dataset:
@@ -53,16 +50,6 @@ def candidates_table(dataset: data.Dataset, n: int, seed: int) -> pd.DataFrame:
         cand = sample_candidates(rows["target"].to_numpy(), ranges, n, seed + offset)
         frames.append(pd.DataFrame({"split": split, "user": rows["user"], "candidates": list(cand.astype(np.int32))}))
     return pd.concat(frames, ignore_index=True)
-
-
-def load_candidates(prepared_dir: Path, split: str, examples: pd.DataFrame) -> np.ndarray:
-    """The saved candidates of one split, aligned with its examples (checked by user key)."""
-    path = prepared_dir / "candidates.parquet"
-    table = pd.read_parquet(path)
-    table = table[table["split"] == split].reset_index(drop=True)
-    if table["user"].tolist() != examples["user"].tolist():
-        raise data.DataError(f"{path}: the {split} candidates do not match the prepared {split} examples; re-run prepare")
-    return np.stack(table["candidates"].to_numpy()).astype(np.int64)
 
 
 def statistics(dataset: data.Dataset) -> dict[str, Any]:
@@ -103,7 +90,7 @@ def statistics(dataset: data.Dataset) -> dict[str, Any]:
 def plot_statistics(dataset: data.Dataset, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     seqs = dataset.sequences
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(size=(6, 3.5))
     for split in data.SPLITS:
         lengths = seqs.loc[seqs["split"] == split, "history"].map(len)
         ax.hist(lengths, bins=np.arange(0, min(160, lengths.max() + 2)), histtype="step", label=split, density=True)
@@ -111,12 +98,11 @@ def plot_statistics(dataset: data.Dataset, out_dir: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     paths = [out_dir / "history_lengths.png"]
-    fig.savefig(paths[0], dpi=90, metadata={"Software": None})
-    plt.close(fig)
+    fig.savefig(paths[0], dpi=90, metadata=PNG_METADATA)
 
     train = dataset.split("train")
     counts = np.bincount(np.concatenate([np.concatenate(train["history"].to_numpy()), train["target"].to_numpy()]), minlength=dataset.n_items)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(size=(6, 3.5))
     for domain in data.DOMAINS:
         start, stop = dataset.domain_range(domain)
         ax.plot(np.sort(counts[start:stop])[::-1], label=f"{domain}: {dataset.domain_names[domain]}")
@@ -124,8 +110,7 @@ def plot_statistics(dataset: data.Dataset, out_dir: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     paths.append(out_dir / "item_popularity.png")
-    fig.savefig(paths[1], dpi=90, metadata={"Software": None})
-    plt.close(fig)
+    fig.savefig(paths[1], dpi=90, metadata=PNG_METADATA)
     return paths
 
 

@@ -7,7 +7,8 @@ each, naming the dotted key, the value and what was expected:
 
 `tema profile` checks what it is about to write, and every stage and CLI command checks the parameters before it
 reads, deletes or writes anything (`check`, called first by each stage's `run`). Model hyper-parameters are checked
-against what each registered model's constructor accepts, with the ranges of HYPER_RULES.
+against what each registered model's constructor accepts, with the ranges of HYPER_RULES; an ablation's entry is
+optional and holds what differs from its base's (tema.models.registry.hyper).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from tema import config, data, datasets
+from tema import config, datasets
 from tema.tagging import Settings
 
 # A rule returns None for a good value, else what was expected ("an integer >= 1").
@@ -166,6 +167,7 @@ SOURCE: Section = {
 }
 FEATURES: Section = {
     "text_encoder": Key(text), "batch_size": Key(integer(1)), "image_encoder": Key(optional(text), required=False),
+    "text_items": Key(choice("all", "used"), required=False),
 }
 
 # Model hyper-parameters by name, for every model that has them; a parameter not listed here must have the type of
@@ -313,31 +315,45 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
     return errors
 
 
-def _model_checks(params: dict[str, Any]) -> list[str]:
-    from tema.models import MODELS  # the registry imports the models, and with them torch: needed for these checks only
+def _registry():
+    """tema.models.registry, imported when first needed: it imports the models, and with them torch (seconds), which
+    only the model checks need."""
+    from tema.models import registry
 
+    return registry
+
+
+def _model_checks(params: dict[str, Any]) -> list[str]:
+    registry = _registry()
     errors: list[str] = []
-    registered = sorted(MODELS)
+    registered = sorted(registry.MODELS)
+    section = params["model_params"]
+    needed: dict[str, list[str]] = {}  # entry -> the listed models that read it (an ablation reads its base's)
     for name in params["models"]:
-        if name not in MODELS:
+        if name not in registry.MODELS:
             errors.append(f"models: unknown model {name!r}; expected one of {registered}")
-        elif name not in params["model_params"]:
-            errors.append(f"model_params.{name}: missing; expected the hyper-parameters of {name} (an empty mapping {{}} for none)")
-    for name, hyper in params["model_params"].items():
-        if name not in MODELS:
+        else:
+            needed.setdefault(registry.info(name).base or name, []).append(name)
+    for name, readers in needed.items():
+        if name not in section:
+            inheriting = [m for m in readers if m != name]
+            why = f", which {', '.join(inheriting)} inherit{'s' * (len(inheriting) == 1)}" if inheriting else ""
+            errors.append(f"model_params.{name}: missing; expected the hyper-parameters of {name}{why} (an empty mapping {{}} for none)")
+    for name, hyper in section.items():
+        if name not in registry.MODELS:
             errors.append(f"model_params.{name}: unknown model; expected one of {registered}")
         elif hyper is not None and not isinstance(hyper, dict):
             errors.append(f"model_params.{name}: expected a mapping of hyper-parameters, got {_show(hyper)}")
         else:
-            errors += hyper_errors(name, hyper or {}, f"model_params.{name}")
+            errors += hyper_errors(name, hyper or {}, f"model_params.{name}", _inherited(params, name))
     tune = params.get("tune") or {}
     space = tune.get("space") or {}
     if not isinstance(space, dict):
         errors.append(f"tune.space: expected a mapping of hyper-parameter to a list of values, got {_show(space)}")
         space = {}
     any_model: dict[str, Rule] = {}
-    for cls in MODELS.values():
-        any_model.update(accepted_hyper(cls))
+    for name in registry.names():
+        any_model.update(accepted_hyper(name))
     for key, values in space.items():
         if key not in any_model:
             errors.append(f"tune.space.{key}: unknown key; expected a hyper-parameter of some model, one of {sorted(any_model)}")
@@ -345,13 +361,13 @@ def _model_checks(params: dict[str, Any]) -> list[str]:
         check_value(values, list_of(any_model[key]), f"tune.space.{key}", errors)
     own = tune.get("model_space") or {}
     for name, grid in (own.items() if isinstance(own, dict) else []):
-        if name not in MODELS:
+        if name not in registry.MODELS:
             errors.append(f"tune.model_space.{name}: unknown model; expected one of {registered}")
         elif not isinstance(grid, dict):
             errors.append(f"tune.model_space.{name}: expected a mapping of hyper-parameter to a list of values, got {_show(grid)}")
         else:
             for key, values in grid.items():
-                accepted = accepted_hyper(MODELS[name])
+                accepted = accepted_hyper(name)
                 if key not in accepted:
                     errors.append(f"tune.model_space.{name}.{key}: unknown key; {name} accepts {sorted(accepted)}")
                 else:
@@ -359,31 +375,37 @@ def _model_checks(params: dict[str, Any]) -> list[str]:
     return errors
 
 
-def accepted_hyper(cls: type) -> dict[str, Rule]:
-    """The hyper-parameters a model accepts in params.yaml, each with its rule."""
-    from tema.models.registry import TRAINING_KEYS
-
+def accepted_hyper(model: str) -> dict[str, Rule]:
+    """The hyper-parameters a registered model accepts in params.yaml, each with its rule."""
+    registry = _registry()
+    entry = registry.info(model)
     out: dict[str, Rule] = {}
-    for name, p in inspect.signature(cls.__init__).parameters.items():
+    for name, p in inspect.signature(entry.cls.__init__).parameters.items():
         if name in ("self", "space", "max_len") or name in INJECTED or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
         out[name] = HYPER_RULES.get(name) or _type_rule(p.default)
-    for name in TRAINING_KEYS:
+    for name in registry.TRAINING_KEYS:
         out[name] = HYPER_RULES[name]
-    if "tags" in out:
-        from tema.models.tema import TAG_MODES
-
-        out["tags"] = choice(*TAG_MODES)
+    for name, allowed in entry.choices.items():
+        out[name] = choice(*allowed)
     return out
 
 
-def hyper_errors(name: str, hyper: dict[str, Any], where: str) -> list[str]:
-    """What is wrong with one model's hyper-parameters: unknown keys, bad values, heads not dividing dim, a switch
-    that contradicts the ablation."""
-    from tema.models import MODELS
+def _inherited(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """What an ablation's entry is merged over (registry.inherited_params); {} where the base's entry is missing or no
+    mapping, which the checks report on the base's entry."""
+    try:
+        return _registry().inherited_params(params, name)
+    except config.ParamsError:
+        return {}
 
-    cls = MODELS[name]
-    accepted = accepted_hyper(cls)
+
+def hyper_errors(name: str, hyper: dict[str, Any], where: str, inherited: dict[str, Any] | None = None) -> list[str]:
+    """What is wrong with one model's hyper-parameters: unknown keys, bad values, heads not dividing dim, a switch
+    that contradicts the ablation. `inherited`: what an ablation's entry is merged over (its base's)."""
+    registry = _registry()
+    cls = registry.info(name).cls
+    accepted = accepted_hyper(name)
     errors = []
     for key, value in hyper.items():
         if key in INJECTED:
@@ -394,12 +416,15 @@ def hyper_errors(name: str, hyper: dict[str, Any], where: str) -> list[str]:
             check_value(value, accepted[key], f"{where}.{key}", errors)
     if errors:
         return errors
-    dim, heads = _effective(cls, hyper, "dim"), _effective(cls, hyper, "heads")
-    if _is_int(dim) and _is_int(heads) and dim % heads:
+    effective = {**(inherited or {}), **hyper}
+    dim, heads = _effective(cls, effective, "dim"), _effective(cls, effective, "heads")
+    # an ablation's entry answers for what it changes (its base's entry for the rest)
+    if _is_int(dim) and _is_int(heads) and dim % heads and (registry.info(name).base is None or {"dim", "heads"} & set(hyper)):
         errors.append(f"{where}.heads: expected a divisor of dim ({dim}), got {heads}")
-    for key, fixed in (getattr(cls, "fixed", None) or {}).items():
+    for key, fixed in registry.info(name).fixed.items():
         if key in hyper and hyper[key] != fixed:
-            errors.append(f"{where}.{key}: this ablation fixes {key} = {fixed!r}; remove the key or set it to {fixed!r}, got {_show(hyper[key])}")
+            errors.append(f"{where}.{key}: this ablation fixes {key} = {fixed!r}; remove the key or set it to {fixed!r}, "
+                          f"got {_show(hyper[key])}")
     return errors
 
 

@@ -345,7 +345,7 @@ def describe_error(err: Exception) -> tuple[str, str]:
     The detail is in our own words (and at most 80 characters of a body that is not a chat
     completion); an endpoint's error text is never kept, as it may echo request details.
     """
-    import openai
+    import openai  # here, not at the top: it takes about a second, and every stage imports this module (via schema)
 
     if isinstance(err, AnswerError):
         return err.reason, err.detail
@@ -405,7 +405,7 @@ def completion_parts(response: Any) -> tuple[str | None, str | None]:
 
 def retry_after(err: Exception) -> float | None:
     """Seconds a 429/503's Retry-After (or retry-after-ms) header asks to wait, if it says; else None."""
-    import openai
+    import openai  # as in describe_error: only once a request failed
 
     if not isinstance(err, openai.APIStatusError):
         return None
@@ -610,6 +610,27 @@ def pass1_request(item: Item, model: str, model_sha256: str | None, settings: Se
                    build_messages(item.domain_name, item.title, item.text, settings.k), pass1_schema(settings.k))
 
 
+def cached_answers(items: Iterable[Item], make: Callable[[Item], Request], cache: TagCache, acct: Accounting
+                   ) -> tuple[dict[int, list[str]], list[tuple[Request, Item]]]:
+    """(tags of the items the cache answers, [(request, item)] of the others); the hits are counted in `acct`."""
+    tags: dict[int, list[str]] = {}
+    todo = []
+    for item in items:
+        req = make(item)
+        hit = cache.get(req.key)
+        if hit is not None:
+            tags[item.item_id] = hit["tags"]
+            acct.cached += 1
+        else:
+            todo.append((req, item))
+    return tags, todo
+
+
+def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, mininterval=5,
+                disable=not progress or os.environ.get("TEMA_PROGRESS") == "0")
+
+
 def tag_items(
     items: Iterable[Item],
     get_client: Callable[[], Any],
@@ -631,49 +652,37 @@ def tag_items(
     requests that keep failing for the endpoint's sake do (EndpointWatch): EndpointError, with the
     answers finished until then cached.
     """
-    items = list(items)
     acct = Accounting()
-    tags: dict[int, list[str]] = {}
-    failures: dict[int, str] = {}
-    todo = []
     make = request or (lambda item: pass1_request(item, model, model_sha256, settings))
-    for item in items:
-        req = make(item)
-        hit = cache.get(req.key)
-        if hit is not None:
-            tags[item.item_id] = hit["tags"]
-            acct.cached += 1
-        else:
-            todo.append((req, item))
+    tags, todo = cached_answers(items, make, cache, acct)
+    failures: dict[int, str] = {}
     started = time.perf_counter()
     client = get_client() if todo else None
-    bar = tqdm(total=len(todo), desc=desc, unit="item", file=sys.stderr, mininterval=5,
-               disable=not progress or os.environ.get("TEMA_PROGRESS") == "0")
-
     runner = RequestRun(client, settings, len(todo), sleep, acct)
     lock = runner.lock
 
     def one(req: Request, item: Item) -> AnswerError | None:
-        key = req.key
         t0 = time.perf_counter()
         try:
             result, info = ask(client, model, req.messages, settings, acct, lock, sleep, req.schema, req.allowed,
                                runner.watch.stop)
         except AnswerError as err:
             if not is_endpoint_failure(err.reason):  # the item's own answer was at fault: recorded
-                cache.put({"key": key, "item_id": item.item_id, "status": "failed", "reason": err.reason,
+                cache.put({"key": req.key, "item_id": item.item_id, "status": "failed", "reason": err.reason,
                            "detail": clip(str(err), MAX_DETAIL_CHARS)})
             with lock:
                 failures[item.item_id] = err.reason
                 acct.failed += 1
                 acct.failure_reasons[err.reason] = acct.failure_reasons.get(err.reason, 0) + 1
             return err
-        cache.put({"key": key, "item_id": item.item_id, "status": "ok", "tags": result, "model": model,
+        cache.put({"key": req.key, "item_id": item.item_id, "status": "ok", "tags": result, "model": model,
                    "seconds": round(time.perf_counter() - t0, 3), **info})
         with lock:
             tags[item.item_id] = result
             acct.answered += 1
         return None
+
+    bar = progress_bar(len(todo), desc, progress)
 
     def finished() -> None:
         bar.update(1)

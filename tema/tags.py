@@ -14,9 +14,9 @@ tags, then the vocabulary tags nearest its text), under a JSON schema that only 
 Sources: "llm" (the endpoint of tema.llm) or "external" (a vendored file of item_id<TAB>tags_json,
 e.g. art-office's DeepSeek tags), both written in the same format.
 
-Outputs in data/tags/<dataset>/ (text, committed to git): item_tags.tsv, vocabulary.tsv,
-pass1_tags.tsv, failures.tsv, provenance.json, accounting.json. The answer cache lives in
-data/tags-cache/<dataset>/ (committed too, so any machine can resume or re-run without the LLM).
+Outputs in data/tags/<dataset>/ (text, committed to git): tema.artifacts.TAG_FILES, read back through
+tema.artifacts. The answer cache lives in data/tags-cache/<dataset>/ (committed too, so any machine can
+resume or re-run without the LLM).
 """
 
 from __future__ import annotations
@@ -31,16 +31,31 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tema import config, data, datasets, schema
-from tema.tagging import (PROMPT_VERSION, AnswerError, Item, Request, RequestRun, Settings, TagCache, cache_key, completion_parts,
-                          is_endpoint_failure, normalize_tag, product_block, prompt_hash, tag_items)
+from tema import artifacts, config, data, datasets, llm, schema
+from tema.encoders import load_text_encoder
+from tema.tagging import (
+    PROMPT_VERSION,
+    AnswerError,
+    Item,
+    Request,
+    RequestRun,
+    Settings,
+    TagCache,
+    cache_key,
+    completion_parts,
+    is_endpoint_failure,
+    normalize_tag,
+    product_block,
+    prompt_hash,
+    tag_items,
+)
 
 REFINE_VERSION = "refine-v2"  # v1 (free-form merge map) made the 0.5B model echo its example
 REFINE_MAX_PAIRS = 10  # synonym pairs per chunk answer
@@ -50,7 +65,7 @@ RETAG_VERSION = "pass2-v1"
 PASS2_MODES = ("map", "fill", "retag")
 PASS2_DEFAULTS = {"mode": "map", "min_tags": 3, "shortlist": 20}
 DROPPED = ""  # merge target of a tag the refinement dropped as vague
-OUTPUT_FILES = ("item_tags.tsv", "vocabulary.tsv", "pass1_tags.tsv", "failures.tsv", "provenance.json", "accounting.json")
+ENCODE_CHUNK = 4096  # texts encoded and compared at a time: bounds the similarity matrix in memory
 
 
 def singular_candidates(word: str) -> list[str]:
@@ -84,12 +99,12 @@ def observed_forms(pass1: dict[int, list[str]]) -> set[str]:
 
 
 def settings_from_params(params: dict[str, Any]) -> Settings:
-    llm = config.get(params, "llm", dict)
+    section = config.get(params, "llm", dict)
     known = Settings.__dataclass_fields__
-    extra = sorted(set(llm) - set(known) - {"model", "embedded"})
+    extra = sorted(set(section) - set(known) - {"model", "embedded"})
     if extra:
         raise config.ParamsError(f"params.yaml: unknown key(s) {extra} in 'llm'; expected {sorted(known)} or model, embedded")
-    return Settings(**{k: v for k, v in llm.items() if k in known})
+    return Settings(**{k: v for k, v in section.items() if k in known})
 
 
 def items_to_tag(dataset: data.Dataset, limit: int | None) -> list[Item]:
@@ -137,12 +152,16 @@ def read_external(path: Path, n_items: int) -> tuple[dict[int, list[str]], dict[
 # ---------------------------------------------------------------- self-refinement
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length, so that a dot product is a cosine similarity."""
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+
+
 def near_duplicate_merges(tags: list[str], counts: Counter, encode, threshold: float) -> dict[str, str]:
     """Map each tag to a more frequent tag whose embedding is at least `threshold` cosine-similar."""
     if len(tags) < 2:
         return {}
-    vectors = encode(tags)
-    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+    vectors = unit_rows(encode(tags))
     order = sorted(range(len(tags)), key=lambda i: (-counts[tags[i]], tags[i]))
     merges: dict[str, str] = {}
     heads: list[int] = []
@@ -180,6 +199,130 @@ def refine_schema(tags: list[str]) -> dict[str, Any]:
         "vague": {"type": "array", "items": tag, "maxItems": REFINE_MAX_VAGUE}}}
 
 
+@dataclass(frozen=True)
+class RefineChunk:
+    """One refinement question: a chunk of the tags (most frequent first), its messages and its cache key."""
+
+    tags: list[str]
+    messages: list[dict[str, str]]
+    key: str
+
+
+def refine_key(model: str, model_sha256: str | None, messages: list[dict[str, str]], settings: Settings) -> str:
+    blob = json.dumps([REFINE_VERSION, model, model_sha256, messages, settings.seed, settings.json_mode])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def refine_chunks(domain_name: str, tags: list[str], chunk: int, model: str, model_sha256: str | None,
+                  settings: Settings) -> list[RefineChunk]:
+    """The tags in chunks of `chunk`, each with its question."""
+    out = []
+    for lo in range(0, len(tags), chunk):
+        part = tags[lo: lo + chunk]
+        messages = llm_merge_prompt(domain_name, part)
+        out.append(RefineChunk(part, messages, refine_key(model, model_sha256, messages, settings)))
+    return out
+
+
+def refine_response_format(tags: list[str], settings: Settings) -> dict[str, Any]:
+    if settings.json_mode:
+        return {"type": "json_schema", "json_schema": {"name": "refine", "schema": refine_schema(tags)}}
+    return {"type": "json_object"}
+
+
+def parse_refine_answer(content: str | None, finish_reason: str | None) -> dict[str, Any]:
+    """The JSON object of one refinement answer; raises AnswerError with the reason it cannot be used."""
+    if not content:
+        raise AnswerError("empty")
+    if finish_reason == "length":
+        raise AnswerError("truncated")
+    try:
+        value = json.loads(content)
+    except ValueError as err:
+        raise AnswerError("malformed_json", str(err)) from err
+    if not isinstance(value, dict):
+        raise AnswerError("no_tag_list", "not a JSON object")
+    return value
+
+
+def ask_refine_chunks(chunks: list[RefineChunk], client, model: str, domain_name: str, settings: Settings,
+                      cache: TagCache, sleep) -> None:
+    """Ask the LLM about each chunk, `settings.concurrency` at a time, through pass 1's request loop
+    (tema.tagging.RequestRun), and cache each answer; raises EndpointError when the endpoint keeps failing."""
+    runner = RequestRun(client, settings, len(chunks), sleep)
+
+    def ask_one(chunk: RefineChunk) -> AnswerError | None:
+        response_format = refine_response_format(chunk.tags, settings)
+
+        def call(attempt: int, last_reason: str) -> dict[str, Any]:
+            response = client.chat.completions.create(
+                model=model, messages=chunk.messages, temperature=0.0, max_tokens=REFINE_MAX_TOKENS,
+                response_format=response_format, seed=settings.seed,
+            )
+            return parse_refine_answer(*completion_parts(response))
+
+        try:  # a bad answer is not asked again at once: the same prompt at temperature 0 gives it again
+            value, _ = runner.request(call, retry_answers=False)
+        except AnswerError as err:
+            if not is_endpoint_failure(err.reason):  # the answer was at fault: recorded, asked again next run
+                cache.put({"key": chunk.key, "status": "failed", "reason": err.reason, "detail": str(err),
+                           "domain": domain_name})
+            return err
+        cache.put({"key": chunk.key, "status": "ok", "domain": domain_name, "answer": value})
+        return None
+
+    runner.run(ask_one, [(chunk,) for chunk in chunks])
+
+
+def add_synonym_merges(pairs: Any, rank: dict[str, int], merges: dict[str, str], counts: dict[str, int]) -> None:
+    """Add one answer's synonym pairs to `merges`, each into the more frequent of its two tags (lower `rank`).
+
+    Self-pairs are counted as trivial; pairs naming tags outside the chunk, or making chains of merges, are
+    ignored and counted."""
+    for pair in pairs if isinstance(pairs, list) else []:
+        pair = [normalize_tag(str(t)) for t in pair] if isinstance(pair, list) and len(pair) == 2 else []
+        if not pair or pair[0] == pair[1]:
+            counts["trivial" if pair else "ignored"] += 1
+            continue
+        if not all(t in rank for t in pair):
+            counts["ignored"] += 1
+            continue
+        dst, src = sorted(pair, key=rank.__getitem__)  # into the more frequent of the two
+        if src in merges or dst in merges or src in merges.values():
+            counts["ignored"] += 1  # no chains: a tag merges once, into a tag that stays
+            continue
+        merges[src] = dst
+        counts["merges"] += 1
+
+
+def add_vague_drops(vague: Any, rank: dict[str, int], merges: dict[str, str], drops: set[str],
+                    counts: dict[str, int]) -> None:
+    """Add one answer's vague tags of the chunk to `drops`, unless a merge names them."""
+    for tag in vague if isinstance(vague, list) else []:
+        tag = normalize_tag(str(tag))
+        if tag in rank and tag not in merges and tag not in merges.values():
+            drops.add(tag)
+            counts["drops"] += 1
+        else:
+            counts["ignored"] += 1
+
+
+def apply_refine_answers(chunks: list[RefineChunk], answers: list[dict[str, Any] | None]
+                         ) -> tuple[dict[str, str], set[str], dict[str, int]]:
+    """(merges, drops, counts) from each chunk's cached answer (None: no usable one), in chunk order."""
+    merges: dict[str, str] = {}
+    drops: set[str] = set()
+    counts = {"chunks": len(chunks), "failed_chunks": 0, "merges": 0, "drops": 0, "trivial": 0, "ignored": 0}
+    for chunk, hit in zip(chunks, answers):
+        if hit is None:
+            counts["failed_chunks"] += 1
+            continue
+        rank = {tag: i for i, tag in enumerate(chunk.tags)}  # the chunk lists tags most frequent first
+        add_synonym_merges(hit["answer"].get("synonyms", []), rank, merges, counts)
+        add_vague_drops(hit["answer"].get("vague", []), rank, merges, drops, counts)
+    return merges, drops, counts
+
+
 def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: str, tags: list[str], chunk: int,
                settings: Settings, cache: TagCache, sleep=time.sleep) -> tuple[dict[str, str], set[str], dict[str, int]]:
     """Ask the LLM, chunk by chunk, which tags are synonyms and which are vague; answers are validated.
@@ -196,82 +339,11 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
     as trivial; pairs naming tags outside the chunk, or making chains of merges, are ignored and counted.
     Each chunk's answer is cached like pass-1 answers, so a re-run needs no LLM.
     """
-    parts = [tags[lo: lo + chunk] for lo in range(0, len(tags), chunk)]
-    keyed = []
-    for part in parts:
-        messages = llm_merge_prompt(domain_name, part)
-        key = hashlib.sha256(json.dumps([REFINE_VERSION, model, model_sha256, messages, settings.seed,
-                                         settings.json_mode]).encode()).hexdigest()[:24]
-        keyed.append((part, messages, key))
-    todo = [k for k in keyed if cache.get(k[2]) is None]
-    # the client is made once, before any thread, and only if some chunk is not cached yet
-    client = get_client() if todo else None
-    runner = RequestRun(client, settings, len(todo), sleep)
-
-    def answer(part: list[str], messages: list[dict[str, str]], key: str) -> AnswerError | None:
-        fmt = ({"type": "json_schema", "json_schema": {"name": "refine", "schema": refine_schema(part)}}
-               if settings.json_mode else {"type": "json_object"})
-
-        def call(attempt: int, last_reason: str) -> dict[str, Any]:
-            response = client.chat.completions.create(
-                model=model, messages=messages, temperature=0.0, max_tokens=REFINE_MAX_TOKENS,
-                response_format=fmt, seed=settings.seed,
-            )
-            content, finish_reason = completion_parts(response)
-            if not content:
-                raise AnswerError("empty")
-            if finish_reason == "length":
-                raise AnswerError("truncated")
-            try:
-                value = json.loads(content)
-            except ValueError as err:
-                raise AnswerError("malformed_json", str(err)) from err
-            if not isinstance(value, dict):
-                raise AnswerError("no_tag_list", "not a JSON object")
-            return value
-
-        try:  # a bad answer is not asked again at once: the same prompt at temperature 0 gives it again
-            value, _ = runner.request(call, retry_answers=False)
-        except AnswerError as err:
-            if not is_endpoint_failure(err.reason):  # the answer was at fault: recorded, asked again next run
-                cache.put({"key": key, "status": "failed", "reason": err.reason, "detail": str(err), "domain": domain_name})
-            return err
-        cache.put({"key": key, "status": "ok", "domain": domain_name, "answer": value})
-        return None
-
-    runner.run(answer, todo)
-    hits = [cache.get(key) for _, _, key in keyed]
-    merges: dict[str, str] = {}
-    drops: set[str] = set()
-    counts = {"chunks": len(parts), "failed_chunks": 0, "merges": 0, "drops": 0, "trivial": 0, "ignored": 0}
-    for (part, _, _), hit in zip(keyed, hits):
-        if hit is None:
-            counts["failed_chunks"] += 1
-            continue
-        rank = {tag: i for i, tag in enumerate(part)}  # the chunk lists tags most frequent first
-        pairs, vague = hit["answer"].get("synonyms", []), hit["answer"].get("vague", [])
-        for pair in pairs if isinstance(pairs, list) else []:
-            pair = [normalize_tag(str(t)) for t in pair] if isinstance(pair, list) and len(pair) == 2 else []
-            if not pair or pair[0] == pair[1]:
-                counts["trivial" if pair else "ignored"] += 1
-                continue
-            if not all(t in rank for t in pair):
-                counts["ignored"] += 1
-                continue
-            dst, src = sorted(pair, key=rank.__getitem__)  # into the more frequent of the two
-            if src in merges or dst in merges or src in merges.values():
-                counts["ignored"] += 1  # no chains: a tag merges once, into a tag that stays
-                continue
-            merges[src] = dst
-            counts["merges"] += 1
-        for tag in vague if isinstance(vague, list) else []:
-            tag = normalize_tag(str(tag))
-            if tag in rank and tag not in merges and tag not in merges.values():
-                drops.add(tag)
-                counts["drops"] += 1
-            else:
-                counts["ignored"] += 1
-    return merges, drops, counts
+    chunks = refine_chunks(domain_name, tags, chunk, model, model_sha256, settings)
+    todo = [c for c in chunks if cache.get(c.key) is None]
+    if todo:  # the client is made once, before any thread, and only if some chunk is not cached yet
+        ask_refine_chunks(todo, get_client(), model, domain_name, settings, cache, sleep)
+    return apply_refine_answers(chunks, [cache.get(c.key) for c in chunks])
 
 
 def resolve(tag: str, merges: dict[str, str]) -> str:
@@ -282,50 +354,114 @@ def resolve(tag: str, merges: dict[str, str]) -> str:
     return tag
 
 
+def embedding_close(pairs: dict[str, str], encode, floor: float) -> dict[str, str]:
+    """The pairs (tag -> tag) whose two tags are at least `floor` cosine-similar by embedding."""
+    src = encode(list(pairs))
+    dst = encode(list(pairs.values()))
+    cos = (src * dst).sum(1) / (np.linalg.norm(src, axis=1) * np.linalg.norm(dst, axis=1)).clip(1e-12)
+    return {k: v for (k, v), c in zip(pairs.items(), cos) if c >= floor}
+
+
+def add_llm_merges(domain: str, candidates: list[str], merges: dict[str, str], ask_llm, encode,
+                   floor: float) -> dict[str, Any]:
+    """Add the LLM's synonym merges and vague drops among the candidates not merged yet to `merges`; returns
+    its counts. With `floor` > 0 a pair must also be that cosine-similar by embedding."""
+    heads = [t for t in candidates if t not in merges]
+    llm_merges, drops, llm_counts = ask_llm(domain, heads)
+    llm_merges = {k: v for k, v in llm_merges.items() if k not in merges}
+    # a small model names unrelated pairs ("coffee", "tea"): its pairs must also be this close by embedding
+    if llm_merges and floor > 0:
+        kept = embedding_close(llm_merges, encode, floor)
+        llm_counts = {**llm_counts, "merges": len(kept), "below_similarity": len(llm_merges) - len(kept)}
+        llm_merges = kept
+    merges.update(llm_merges)
+    merges.update({tag: DROPPED for tag in drops})  # vague: dropped, never re-mapped by similarity
+    return llm_counts
+
+
+def merged_vocabulary(counts: Counter, merges: dict[str, str], refine: dict[str, Any]) -> list[tuple[str, int]]:
+    """(tag, count) once merged, dropped tags left out: the `vocab_size` most frequent seen `min_count` times."""
+    merged = Counter()
+    for tag, count in counts.items():
+        merged[resolve(tag, merges)] += count
+    merged.pop(DROPPED, None)
+    ranked = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [(t, c) for t, c in ranked if c >= refine["min_count"]][: refine["vocab_size"]]
+
+
+def refine_domain(domain: str, counts: Counter, refine: dict[str, Any], encode,
+                  ask_llm=None) -> tuple[list[tuple[str, int]], dict[str, str], dict[str, Any]]:
+    """One domain's vocabulary [(tag, count)], most frequent first, the merge map used to reach it, and its report."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # ties by name: same input, same vocabulary
+    frequent = [t for t, c in ranked if c >= refine["min_count"]]
+    candidates = frequent[: refine["vocab_size"] * 2]
+    merges = near_duplicate_merges(candidates, counts, encode, refine["similarity"])
+    info: dict[str, Any] = {"distinct_pass1_tags": len(counts), "candidates": len(candidates), "embedding_merges": len(merges)}
+    if ask_llm is not None:
+        info["llm"] = add_llm_merges(domain, candidates, merges, ask_llm, encode, refine.get("llm_merge_similarity", 0.0))
+    vocab = merged_vocabulary(counts, merges, refine)
+    info["vocabulary"] = len(vocab)
+    return vocab, merges, info
+
+
 def refine_vocabulary(pass1: dict[int, list[str]], domain_of: dict[int, str], refine: dict[str, Any], encode,
-                      llm=None) -> tuple[pd.DataFrame, dict[str, dict[str, str]], dict[str, Any]]:
-    """Per-domain vocabulary (domain, tag, count, shared) and the merge map used to reach it."""
+                      ask_llm=None) -> tuple[pd.DataFrame, dict[str, dict[str, str]], dict[str, Any]]:
+    """Per-domain vocabulary (domain, tag, count, shared) and the merge map used to reach it.
+
+    `ask_llm(domain, tags)`, when given, is the LLM step (llm_refine): (synonym merges, vague tags, counts).
+    """
     frames, merge_maps, report = [], {}, {}
     known = observed_forms(pass1)
     for domain in data.DOMAINS:
         counts = Counter(canonical_form(t, known) for item, tags in pass1.items() if domain_of[item] == domain for t in tags)
         counts.pop("", None)
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # ties by name: same input, same vocabulary
-        frequent = [t for t, c in ranked if c >= refine["min_count"]]
-        candidates = frequent[: refine["vocab_size"] * 2]
-        merges = near_duplicate_merges(candidates, counts, encode, refine["similarity"])
-        info: dict[str, Any] = {"distinct_pass1_tags": len(counts), "candidates": len(candidates), "embedding_merges": len(merges)}
-        if llm is not None:
-            heads = [t for t in candidates if t not in merges]
-            llm_merges, drops, llm_counts = llm(domain, heads)
-            llm_merges = {k: v for k, v in llm_merges.items() if k not in merges}
-            # a small model names unrelated pairs ("coffee", "tea"): its pairs must also be this close by embedding
-            floor = refine.get("llm_merge_similarity", 0.0)
-            if llm_merges and floor > 0:
-                src = encode(list(llm_merges))
-                dst = encode(list(llm_merges.values()))
-                cos = (src * dst).sum(1) / (np.linalg.norm(src, axis=1) * np.linalg.norm(dst, axis=1)).clip(1e-12)
-                kept = {k: v for (k, v), c in zip(llm_merges.items(), cos) if c >= floor}
-                llm_counts = {**llm_counts, "merges": len(kept), "below_similarity": len(llm_merges) - len(kept)}
-                llm_merges = kept
-            merges.update(llm_merges)
-            merges.update({tag: DROPPED for tag in drops})  # vague: dropped, never re-mapped by similarity
-            info["llm"] = llm_counts
-        merged = Counter()
-        for tag, count in counts.items():
-            merged[resolve(tag, merges)] += count
-        merged.pop(DROPPED, None)
-        vocab = [(t, c) for t, c in sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))
-                 if c >= refine["min_count"]][: refine["vocab_size"]]
-        info["vocabulary"] = len(vocab)
+        vocab, merge_maps[domain], report[domain] = refine_domain(domain, counts, refine, encode, ask_llm)
         frames.append(pd.DataFrame({"domain": domain, "tag": [t for t, _ in vocab], "count": [c for _, c in vocab]}))
-        merge_maps[domain] = merges
-        report[domain] = info
     vocab = pd.concat(frames, ignore_index=True)
     in_both = set(vocab.loc[vocab.domain == "A", "tag"]) & set(vocab.loc[vocab.domain == "B", "tag"])
     vocab["shared"] = vocab["tag"].isin(in_both)
     report["shared"] = len(in_both)
     return vocab, merge_maps, report
+
+
+def nearest_words(tags: list[str], words: list[str], encode, threshold: float) -> dict[str, str]:
+    """Each tag to the most similar of `words` by embedding, where that one is at least `threshold` cosine-similar."""
+    nearest: dict[str, str] = {}
+    if not tags or not words:
+        return nearest
+    vv = unit_rows(encode(words))
+    for lo in range(0, len(tags), ENCODE_CHUNK):
+        part = tags[lo: lo + ENCODE_CHUNK]
+        sims = unit_rows(encode(part)) @ vv.T
+        best = sims.argmax(1)
+        for tag, j, s in zip(part, best, sims[np.arange(len(part)), best]):
+            if s >= threshold:
+                nearest[tag] = words[j]
+    return nearest
+
+
+def map_item_tags(tags: list[str], known: set[str], merges: dict[str, str], index: set[str], nearest: dict[str, str],
+                  counts: dict[str, int]) -> list[tuple[str, int]]:
+    """One item's pass-1 tags as (vocabulary tag, LLM rank): through the merges, else the nearest vocabulary tag.
+
+    How each tag went (kept, merged, by_similarity, dropped) is counted in `counts`."""
+    ranked: list[tuple[str, int]] = []
+    for rank, tag in enumerate(tags, 1):
+        form = canonical_form(tag, known)
+        target = resolve(form, merges)
+        how = "kept" if target == form else "merged"
+        if target == DROPPED:
+            counts["dropped"] += 1
+            continue
+        if target not in index:
+            target, how = nearest.get(form, ""), "by_similarity"
+        if not target:
+            counts["dropped"] += 1
+            continue
+        counts[how] += 1
+        if target not in [t for t, _ in ranked]:
+            ranked.append((target, rank))
+    return ranked
 
 
 def map_to_vocabulary(pass1: dict[int, list[str]], domain_of: dict[int, str], vocab: pd.DataFrame,
@@ -339,39 +475,10 @@ def map_to_vocabulary(pass1: dict[int, list[str]], domain_of: dict[int, str], vo
         index = set(words)
         unknown = sorted({canonical_form(t, known) for i, tags in pass1.items() if domain_of[i] == domain for t in tags}
                          - index - set(merges[domain]))
-        nearest: dict[str, str] = {}
-        if unknown and words:
-            vv = encode(words)
-            vv = vv / np.linalg.norm(vv, axis=1, keepdims=True).clip(1e-12)
-            for lo in range(0, len(unknown), 4096):
-                part = unknown[lo: lo + 4096]
-                uv = encode(part)
-                uv = uv / np.linalg.norm(uv, axis=1, keepdims=True).clip(1e-12)
-                sims = uv @ vv.T
-                best = sims.argmax(1)
-                for tag, j, s in zip(part, best, sims[np.arange(len(part)), best]):
-                    if s >= threshold:
-                        nearest[tag] = words[j]
+        nearest = nearest_words(unknown, words, encode, threshold)
         for item, tags in pass1.items():
-            if domain_of[item] != domain:
-                continue
-            ranked: list[tuple[str, int]] = []
-            for rank, tag in enumerate(tags, 1):
-                form = canonical_form(tag, known)
-                target = resolve(form, merges[domain])
-                how = "kept" if target == form else "merged"
-                if target == DROPPED:
-                    counts["dropped"] += 1
-                    continue
-                if target not in index:
-                    target, how = nearest.get(form, ""), "by_similarity"
-                if not target:
-                    counts["dropped"] += 1
-                    continue
-                counts[how] += 1
-                if target not in [t for t, _ in ranked]:
-                    ranked.append((target, rank))
-            out[item] = ranked
+            if domain_of[item] == domain:
+                out[item] = map_item_tags(tags, known, merges[domain], index, nearest, counts)
     return out, counts
 
 
@@ -412,9 +519,19 @@ def retag_schema(choices: list[str], k: int, min_tags: int) -> dict[str, Any]:
             "minItems": min(min_tags, len(choices), k), "maxItems": k}
 
 
-def retag_key(model: str, model_sha256: str | None, messages: list[dict[str, str]], schema: dict[str, Any], settings: Settings) -> str:
-    blob = json.dumps([RETAG_VERSION, model, model_sha256, messages, schema, settings.cache_part()], sort_keys=True)
+def retag_key(model: str, model_sha256: str | None, messages: list[dict[str, str]], answer_schema: dict[str, Any],
+              settings: Settings) -> str:
+    blob = json.dumps([RETAG_VERSION, model, model_sha256, messages, answer_schema, settings.cache_part()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def retag_request(item: Item, choices: list[str], model: str, model_sha256: str | None, settings: Settings,
+                  min_tags: int) -> Request:
+    """Pass 2 by the LLM: the item's question over its shortlist, keyed by the whole prompt and the schema."""
+    messages = retag_messages(item.domain_name, item.title, item.text, choices, settings.k)
+    answer_schema = retag_schema(choices, settings.k, min_tags)
+    return Request(retag_key(model, model_sha256, messages, answer_schema, settings), messages, answer_schema,
+                   frozenset(choices))
 
 
 def shortlists(items: list[Item], domain_of: dict[int, str], vocab: pd.DataFrame, mapped: dict[int, list[tuple[str, int]]],
@@ -426,18 +543,23 @@ def shortlists(items: list[Item], domain_of: dict[int, str], vocab: pd.DataFrame
         words = vocab.loc[vocab.domain == domain, "tag"].tolist()
         if not mine or not words:
             continue
-        vv = encode(words)
-        vv = vv / np.linalg.norm(vv, axis=1, keepdims=True).clip(1e-12)
-        for lo in range(0, len(mine), 4096):
-            part = mine[lo: lo + 4096]
-            tv = encode([f"{item.title}. {item.text[:300]}".strip(" .") for item in part])
-            tv = tv / np.linalg.norm(tv, axis=1, keepdims=True).clip(1e-12)
+        vv = unit_rows(encode(words))
+        for lo in range(0, len(mine), ENCODE_CHUNK):
+            part = mine[lo: lo + ENCODE_CHUNK]
+            tv = unit_rows(encode([f"{item.title}. {item.text[:300]}".strip(" .") for item in part]))
             order = np.argsort(-(tv @ vv.T), axis=1, kind="stable")[:, :size]
             for item, row in zip(part, order):
                 choices = [t for t, _ in mapped.get(item.item_id, [])][:size]
                 choices += [w for w in (words[j] for j in row) if w not in choices][: size - len(choices)]
                 out[item.item_id] = choices
     return out
+
+
+def pass2_targets(items: list[Item], mapped: dict[int, list[tuple[str, int]]], pass2: dict[str, Any]) -> list[Item]:
+    """The items pass 2 asks the LLM about: "fill", those mapped to fewer than min_tags tags; "retag", all."""
+    if pass2["mode"] == "fill":
+        return [item for item in items if len(mapped.get(item.item_id, [])) < pass2["min_tags"]]
+    return list(items)
 
 
 def llm_pass2(items: list[Item], domain_of: dict[int, str], vocab: pd.DataFrame, mapped: dict[int, list[tuple[str, int]]],
@@ -450,19 +572,11 @@ def llm_pass2(items: list[Item], domain_of: dict[int, str], vocab: pd.DataFrame,
     keyed by the whole prompt (so a changed vocabulary or shortlist asks again) and the schema.
     The report is computed from the cache, so a re-run from a complete cache writes the same one.
     """
-    if pass2["mode"] == "fill":
-        targets = [item for item in items if len(mapped.get(item.item_id, [])) < pass2["min_tags"]]
-    else:
-        targets = list(items)
+    targets = pass2_targets(items, mapped, pass2)
     lists = shortlists(targets, domain_of, vocab, mapped, encode, pass2["shortlist"])
     targets = [item for item in targets if lists.get(item.item_id)]
-    requests: dict[int, Request] = {}
-    for item in targets:
-        choices = lists[item.item_id]
-        messages = retag_messages(item.domain_name, item.title, item.text, choices, settings.k)
-        schema = retag_schema(choices, settings.k, pass2["min_tags"])
-        requests[item.item_id] = Request(retag_key(model, model_sha256, messages, schema, settings), messages, schema,
-                                         frozenset(choices))
+    requests = {item.item_id: retag_request(item, lists[item.item_id], model, model_sha256, settings, pass2["min_tags"])
+                for item in targets}
     found, failures, _ = tag_items(targets, get_client, model, model_sha256, settings, cache, progress=progress, sleep=sleep,
                                    request=lambda item: requests[item.item_id], desc="LLM pass 2")
     out = dict(mapped)
@@ -490,10 +604,13 @@ def prompt_provenance(dataset: data.Dataset, settings: Settings) -> dict[str, st
 
 
 def text_encoder(params: dict[str, Any]):
-    """encode(list of str) -> [n, d] float32 array, with the study's text encoder (tema.features)."""
-    from tema.features import load_text_encoder
-
+    """encode(list of str) -> [n, d] float32 array, with the study's text encoder (features.text_encoder)."""
     return load_text_encoder(params)
+
+
+def answer_caches(dataset_name: str) -> Path:
+    """data/tags-cache/<dataset>: pass1.jsonl, refine.jsonl, pass2.jsonl."""
+    return config.dataset_dir("tags-cache", dataset_name)
 
 
 def cache_accounting(cache: TagCache, items: list[Item], model: str, model_sha256: str | None, settings: Settings) -> dict[str, Any]:
@@ -537,7 +654,7 @@ def write_outputs(out: Path, dataset: data.Dataset, pass1, failures, vocab, item
     tmp.mkdir(exist_ok=True)
     try:
         _write_files(tmp, dataset, pass1, failures, vocab, item_tags, provenance, accounting)
-        for name in OUTPUT_FILES:
+        for name in artifacts.TAG_FILES:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -558,30 +675,79 @@ def _write_files(out: Path, dataset: data.Dataset, pass1, failures, vocab, item_
     (out / "accounting.json").write_text(json.dumps(accounting, indent=2, sort_keys=True) + "\n")
 
 
-def load_item_tags(tag_dir: Path) -> pd.DataFrame:
-    """item_id, domain, tags (list of [tag, llm_rank]) as written by the stage into `tag_dir` (config.tags_dir)."""
-    path = tag_dir / "item_tags.tsv"
-    table = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE)
-    table["tags"] = table["tags"].map(json.loads)
-    return table
-
-
 def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None) -> dict[str, Any]:
     """Pass 1 only: fill the answer cache (the long, resumable part; `tema tags generate`).
 
     Raises EndpointError when the endpoint cannot be reached, CacheBusyError when another run holds the cache.
     """
-    from tema import llm
-
     schema.check(params)
     if limit is not None and limit < 1:
         raise config.ParamsError(f"--limit: expected an integer >= 1 (items per domain), got {limit}")
     settings = settings_from_params(params)
     dataset = datasets.read_raw(dataset_name)
-    with TagCache(config.dataset_dir("tags-cache", dataset_name) / "pass1.jsonl") as cache, \
+    with TagCache(answer_caches(dataset_name) / "pass1.jsonl") as cache, \
             llm.LazyEndpoint(params, settings.timeout_s) as ep:
         _, failures, acct = tag_items(items_to_tag(dataset, limit), ep.client, ep.model, ep.model_sha256, settings, cache)
     return {**asdict(acct), "failures": len(failures)}
+
+
+def tag_source(params: dict[str, Any], dataset_name: str) -> dict[str, Any]:
+    """`tags.sources.<dataset>`, checked: kind 'llm' or 'external', and an external source's file present."""
+    sources = params["tags"]["sources"]
+    if dataset_name not in sources:
+        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}: missing; expected the tag source of {dataset_name}")
+    source = sources[dataset_name]
+    kind = source.get("kind")
+    if kind not in ("llm", "external"):
+        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}.kind must be 'llm' or 'external', got {kind!r}")
+    if kind == "external" and not (config.repo_root() / source["file"]).is_file():
+        raise data.DataError(f"{source['file']}: not found (tags.sources.{dataset_name}.file); expected the external tag file")
+    return source
+
+
+@dataclass
+class Pass1:
+    """Pass 1's tags and failure reasons by item, and what the outputs record of their source and cost."""
+
+    tags: dict[int, list[str]]
+    failures: dict[int, str]
+    provenance: dict[str, Any]
+    accounting: dict[str, Any]
+
+
+def external_pass1(source: dict[str, Any], dataset: data.Dataset, items: list[Item], limit: int | None) -> Pass1:
+    """Pass 1 from the source's external tag file; a limited run keeps only the items it tags."""
+    tags, failures = read_external(config.repo_root() / source["file"], dataset.n_items)
+    if limit is not None:
+        keep = {item.item_id for item in items}
+        tags = {i: t for i, t in tags.items() if i in keep}
+        failures = {i: r for i, r in failures.items() if i in keep}
+    return Pass1(tags, failures, {"source": "external", "file": source["file"], "model": source.get("model", "unknown")},
+                 {"items": dataset.n_items, "tagged": len(tags), "failed": len(failures)})
+
+
+def llm_pass1(dataset_name: str, dataset: data.Dataset, items: list[Item], ep: llm.LazyEndpoint, settings: Settings,
+              cache: TagCache, min_coverage: float) -> Pass1:
+    """Pass 1 by the LLM (cached answers first), refused below tags.min_coverage; says this run's share on stderr."""
+    tags, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, settings, cache)
+    check_coverage(f"{dataset_name} pass 1", len(tags), len(items), min_coverage, failures)  # before hours of refinement
+    print(f"this run: {acct.answered} answered, {acct.cached} from the cache, {acct.failed} failed, "
+          f"{acct.requests} requests in {acct.wall_seconds:.0f} s", file=sys.stderr)
+    provenance = {"source": "llm", "endpoint_model": ep.model, "model_sha256": ep.model_sha256,
+                  "endpoint": "embedded" if ep.model_sha256 else "OPENAI_BASE_URL",
+                  "prompts": prompt_provenance(dataset, settings), "settings": settings.cache_part()}
+    return Pass1(tags, failures, provenance, cache_accounting(cache, items, ep.model, ep.model_sha256, settings))
+
+
+def llm_refinement(ep: llm.LazyEndpoint, dataset: data.Dataset, refine: dict[str, Any], settings: Settings, cache: TagCache):
+    """refine_vocabulary's LLM step through the endpoint (llm_refine of one domain's tags); None unless tags.refine.llm_merge."""
+    if not refine.get("llm_merge", False):
+        return None
+
+    def ask(domain: str, tags: list[str]) -> tuple[dict[str, str], set[str], dict[str, int]]:
+        return llm_refine(ep.client, ep.model, ep.model_sha256, dataset.domain_names[domain], tags, refine["llm_chunk"],
+                          settings, cache)
+    return ask
 
 
 def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -591,65 +757,37 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
     cannot be reached (EndpointError), a busy cache (CacheBusyError) or a low coverage (CoverageError) leave the
     previous outputs in config.tags_dir as they were.
     """
-    from tema import llm
-
     schema.check(params)
-    if dataset_name not in (params["tags"]["sources"]):
-        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}: missing; expected the tag source of {dataset_name}")
-    source = params["tags"]["sources"][dataset_name]
-    refine = params["tags"]["refine"]
-    limit = params["tags"]["limit_items"]
-    min_coverage = params["tags"]["min_coverage"]
-    out = config.tags_dir(params, dataset_name)
-    if source["kind"] == "external" and not (config.repo_root() / source["file"]).is_file():
-        raise data.DataError(f"{source['file']}: not found (tags.sources.{dataset_name}.file); expected the external tag file")
+    source = tag_source(params, dataset_name)
+    refine, limit, min_coverage = params["tags"]["refine"], params["tags"]["limit_items"], params["tags"]["min_coverage"]
+    out = artifacts.tags_dir(params, dataset_name)
     dataset = datasets.read_raw(dataset_name)
     domain_of = dict(zip(dataset.items["item_id"].tolist(), dataset.items["domain"].tolist()))
     settings = settings_from_params(params)
     pass2 = pass2_settings(source, dataset_name, settings.k)
-    kind = source.get("kind")
-    if kind not in ("llm", "external"):
-        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}.kind must be 'llm' or 'external', got {kind!r}")
     encode = text_encoder(params)
     items = items_to_tag(dataset, limit)
-    caches = config.dataset_dir("tags-cache", dataset_name)
+    caches = answer_caches(dataset_name)
     with contextlib.ExitStack() as stack:
         # the endpoint starts on first use only; an external source with pass 2 by mapping never makes one
-        ep = stack.enter_context(llm.LazyEndpoint(params, settings.timeout_s)) if kind == "llm" or pass2["mode"] != "map" else None
-        if kind == "external":
-            pass1, failures = read_external(config.repo_root() / source["file"], dataset.n_items)
-            if limit is not None:
-                keep = {item.item_id for item in items}
-                pass1 = {i: t for i, t in pass1.items() if i in keep}
-                failures = {i: r for i, r in failures.items() if i in keep}
-            provenance = {"source": "external", "file": source["file"], "model": source.get("model", "unknown")}
-            accounting: dict[str, Any] = {"items": dataset.n_items, "tagged": len(pass1), "failed": len(failures)}
-            vocab, merges, refine_report = refine_vocabulary(pass1, domain_of, refine, encode)
+        needs_endpoint = source["kind"] == "llm" or pass2["mode"] != "map"
+        ep = stack.enter_context(llm.LazyEndpoint(params, settings.timeout_s)) if needs_endpoint else None
+        if source["kind"] == "external":
+            pass1, ask_llm = external_pass1(source, dataset, items, limit), None
         else:
-            pass1_cache = stack.enter_context(TagCache(caches / "pass1.jsonl"))
-            pass1, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, settings, pass1_cache)
-            check_coverage(f"{dataset_name} pass 1", len(pass1), len(items), min_coverage, failures)  # before hours of refinement
-            refine_cache = stack.enter_context(TagCache(caches / "refine.jsonl"))
-
-            def llm_step(domain, tags):
-                return llm_refine(ep.client, ep.model, ep.model_sha256, dataset.domain_names[domain], tags,
-                                  refine["llm_chunk"], settings, refine_cache)
-            vocab, merges, refine_report = refine_vocabulary(pass1, domain_of, refine, encode,
-                                                             llm_step if refine.get("llm_merge", False) else None)
-            provenance = {"source": "llm", "endpoint_model": ep.model, "model_sha256": ep.model_sha256,
-                          "endpoint": "embedded" if ep.model_sha256 else "OPENAI_BASE_URL",
-                          "prompts": prompt_provenance(dataset, settings), "settings": settings.cache_part()}
-            accounting = cache_accounting(pass1_cache, items, ep.model, ep.model_sha256, settings)
-            print(f"this run: {acct.answered} answered, {acct.cached} from the cache, {acct.failed} failed, "
-                  f"{acct.requests} requests in {acct.wall_seconds:.0f} s", file=sys.stderr)
-        item_tags, mapping = map_to_vocabulary(pass1, domain_of, vocab, merges, encode, refine["map_similarity"])
-        provenance.update({"refinement": refine_report, "mapping": mapping,
-                           "text_encoder": config.get(params, "features.text_encoder", str)})
+            pass1 = llm_pass1(dataset_name, dataset, items, ep, settings, stack.enter_context(TagCache(caches / "pass1.jsonl")),
+                              min_coverage)
+            ask_llm = llm_refinement(ep, dataset, refine, settings, stack.enter_context(TagCache(caches / "refine.jsonl")))
+        vocab, merges, refine_report = refine_vocabulary(pass1.tags, domain_of, refine, encode, ask_llm)
+        item_tags, mapping = map_to_vocabulary(pass1.tags, domain_of, vocab, merges, encode, refine["map_similarity"])
+        provenance = {**pass1.provenance, "refinement": refine_report, "mapping": mapping,
+                      "text_encoder": config.get(params, "features.text_encoder", str)}
         if pass2["mode"] != "map":
+            pass2_cache = stack.enter_context(TagCache(caches / "pass2.jsonl"))
             item_tags, provenance["pass2"] = llm_pass2(items, domain_of, vocab, item_tags, encode, pass2, ep.client, ep.model,
-                                                       ep.model_sha256, settings, stack.enter_context(TagCache(caches / "pass2.jsonl")))
+                                                       ep.model_sha256, settings, pass2_cache)
             provenance["pass2"].update(endpoint_model=ep.model, model_sha256=ep.model_sha256, prompt_version=RETAG_VERSION)
     tagged = sum(1 for item in items if item_tags.get(item.item_id))
-    check_coverage(str(out.relative_to(config.repo_root())), tagged, len(items), min_coverage, failures)
-    write_outputs(out, dataset, pass1, failures, vocab, item_tags, provenance, accounting)
-    return {"provenance": provenance, "accounting": accounting}
+    check_coverage(str(out.relative_to(config.repo_root())), tagged, len(items), min_coverage, pass1.failures)
+    write_outputs(out, dataset, pass1.tags, pass1.failures, vocab, item_tags, provenance, pass1.accounting)
+    return {"provenance": provenance, "accounting": pass1.accounting}

@@ -16,12 +16,14 @@ from typing import Any
 import pandas as pd
 
 from tema import artifacts, config, data, schema
+from tema.models import registry
 from tema.training import TrainConfig, data_fingerprint, train_run
 
 
 def model_params(params: dict[str, Any], model: str) -> dict[str, Any]:
-    """The model's hyper-parameters from params.yaml (model_params.<model>)."""
-    return dict(config.get(params, f"model_params.{model}", (dict, type(None))) or {})
+    """The hyper-parameters the model runs with: model_params.<model>, for an ablation merged over its base's
+    (tema.models.registry.hyper)."""
+    return registry.hyper(params, model)
 
 
 def run(dataset_name: str, model: str, params: dict[str, Any]) -> pd.DataFrame:

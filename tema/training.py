@@ -26,9 +26,13 @@ from tqdm import tqdm
 
 from tema import artifacts, config
 from tema.data import Dataset
+from tema.models import registry
+from tema.models.base import ItemSpace
+from tema.models.registry import build
 from tema.protocols import evaluate_split, selection_score
-from tema.models import ItemSpace, build
-from tema.models.base import next_item_loss  # noqa: F401  (re-exported: tests and benchmarks use it here)
+
+# tema.models.base and .registry, not the tema.models package: the package's __init__ imports every model, and
+# code_fingerprint hashes what this module imports (a package's __init__ where the package itself is imported).
 
 
 @dataclass(frozen=True)
@@ -108,18 +112,26 @@ def training_batches(sequences: list[list[int]], batch_size: int, max_len: int, 
         yield inputs, targets
 
 
-def code_fingerprint(model_name: str) -> str:
-    """Hash of the code that determines a trained run: this loop, the shared model code, the model's module."""
-    import inspect
+def code_fingerprint(model_name: str, root: Path | None = None) -> str:
+    """Hash of the code that determines a trained run: the model's module and this loop, with the tema modules they
+    import at module level, transitively (tema.imports.depends_on), read from the package under root (by default
+    the repository's; tests point it at an edited copy).
 
-    from tema.models import MODELS
+    For every model the hash covers this file, tema/artifacts.py, tema/config.py, tema/data.py, tema/protocols.py,
+    tema/models/base.py and tema/models/registry.py, and the model's module with what it imports: for TEMA and
+    SASRec-text (tema/models/tema.py) and C2DSR also tema/models/sasrec.py, whose blocks and masks they use
+    (tests/test_structure.py checks this list). An edit to another model, to tema/models/__init__.py (it imports
+    the models to register them), to a dataset reader (tema/datasets/) or to a stage (tema/train.py, ...) changes
+    no fingerprint; an edit to tema/artifacts.py (every stage's readers and writers) changes all of them.
+    """
+    from tema import imports  # here, not at module level: that would hash tema/imports.py into every fingerprint
 
-    here = Path(__file__).parent
-    files = {here / "training.py", here / "protocols.py", here / "data.py", here / "models" / "base.py",
-             here / "models" / "registry.py", Path(inspect.getfile(MODELS[model_name]))}
+    root = imports.ROOT if root is None else root
+    files = imports.depends_on([imports.module_file(model_class(model_name).__module__, root),
+                                imports.module_file(__name__, root)], root)
     digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(path.name.encode() + path.read_bytes())
+    for rel in files:  # sorted, named by their path in the repository: the same code hashes alike under any root
+        digest.update(rel.encode() + (root / rel).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -144,15 +156,11 @@ def data_fingerprint(prepared_dir: Path) -> str:
 
 def reads_features(model_name: str) -> bool:
     """Whether a registered model reads the features stage's arrays (tema.models.tema.ReadsFeatures)."""
-    return bool(getattr(model_class(model_name), "reads_features", False))
+    return registry.info(model_name).reads_features
 
 
 def model_class(model_name: str) -> type:
-    from tema.models import MODELS  # the package registers every model
-
-    if model_name not in MODELS:
-        raise KeyError(f"params.yaml: unknown model {model_name!r} in 'models'; registered: {sorted(MODELS)}")
-    return MODELS[model_name]
+    return registry.info(model_name).cls
 
 
 def model_features(dataset: Dataset, model_name: str) -> dict[str, Any] | None:
@@ -186,97 +194,133 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one model with one seed into out_dir (model.pt, history.csv, run.json); resumes if done."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker = out_dir / "run.json"
     features = model_features(dataset, model_name)
     fp = fingerprint(model_name, hyper, cfg, seed, data_hash, features["identity"] if features is not None else None)
-    if marker.is_file():
-        try:
-            done = json.loads(marker.read_text())
-        except ValueError:
-            done = {}  # unreadable: not a finished run
-        if done.get("fingerprint") == fp and (out_dir / "model.pt").is_file():
-            print(f"{model_name} seed {seed}: already trained (fingerprint {fp}), reusing", file=sys.stderr)
-            return done
-        # stale (parameters, data or code changed): kept until the new run has finished, so a run that fails
-        # (a bad setting, an interrupt) leaves the old one usable when the old settings come back
+    done = finished_run(out_dir, fp)
+    if done is not None:
+        print(f"{model_name} seed {seed}: already trained (fingerprint {fp}), reusing", file=sys.stderr)
+        return done
+    # a stale run (parameters, data or code changed) is kept until the new run has finished, so a run that fails
+    # (a bad setting, an interrupt) leaves the old one usable when the old settings come back
 
     torch.set_num_threads(cfg.num_threads)
     seed_everything(seed)
     device = resolve_device(cfg.device)
-    space = ItemSpace.of(dataset)
     train = dataset.split("train")
     model = build_model(dataset, model_name, hyper, cfg, train, features).to(device)
-    max_len = model.max_len
     valid = dataset.split("valid")
     started = time.perf_counter()
-    history: list[dict[str, Any]] = []
-    best_state, best_score, best_epoch = None, -1.0, 0
-
-    def validate() -> tuple[float, dict[str, float]]:
-        model.eval()
-        per_user = evaluate_split(model.score, valid, space.domain_ranges, None, cfg.eval_batch_size, ("full",))
-        model.train()
-        by_domain = per_user.groupby("domain")["MRR"].mean()
-        return selection_score(per_user), {f"valid_MRR_{d}": float(v) for d, v in by_domain.items()}
-
-    if not model.trainable:
-        model.fit(train)
-        score, by_domain = validate()
-        history.append({"epoch": 0, "loss": float("nan"), "valid_score": score, **by_domain, "seconds": 0.0, "sequences": 0})
-        best_state, best_score = copy.deepcopy(model.state_dict()), score
-    else:
-        lr = float(hyper.get("lr", 1e-3))
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=float(hyper.get("weight_decay", 0.0)), fused=True)
-        sequences = [h + [t] for h, t in zip(train["history"], train["target"])]
-        rng = np.random.default_rng(seed)
-        n_batches = -(-len(sequences) // cfg.batch_size)
-        model.train()
-        for epoch in range(1, cfg.max_epochs + 1):
-            epoch_start, total, count = time.perf_counter(), 0.0, 0
-            bar = tqdm(
-                training_batches(sequences, cfg.batch_size, max_len, rng),
-                total=n_batches, desc=f"{model_name} seed {seed} epoch {epoch}", unit="batch",
-                file=sys.stderr, mininterval=10, leave=False, disable=os.environ.get("TEMA_PROGRESS") == "0",
-            )
-            for inputs, targets in bar:
-                inputs, targets = inputs.to(device), targets.to(device)
-                loss = model.training_loss(inputs, targets, cfg.loss, cfg.n_negatives)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(inputs)
-                count += len(inputs)
-                bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
-            train_seconds = time.perf_counter() - epoch_start
-            score, by_domain = validate()
-            history.append({
-                "epoch": epoch, "loss": total / count, "valid_score": score, **by_domain,
-                "seconds": train_seconds, "sequences": count,
-            })
-            improved = score > best_score
-            if improved:
-                best_state, best_score, best_epoch = copy.deepcopy(model.state_dict()), score, epoch
-            print(
-                f"{model_name} seed {seed} epoch {epoch}: loss {total / count:.4f} valid MRR {score:.4f}"
-                f"{' (best)' if improved else ''}", file=sys.stderr,
-            )
-            if epoch - best_epoch >= cfg.patience:
-                break
-
+    fitted = fit(model, train, valid, cfg, hyper, seed, device, f"{model_name} seed {seed}")
     result = {
-        "model": model_name, "seed": seed, "fingerprint": fp, "best_epoch": best_epoch,
-        "best_valid_score": best_score, "epochs_run": len(history) if model.trainable else 0,
+        "model": model_name, "seed": seed, "fingerprint": fp, "best_epoch": fitted.best_epoch,
+        "best_valid_score": fitted.best_score, "epochs_run": len(fitted.history) if model.trainable else 0,
         "train_seconds": time.perf_counter() - started, "device": str(device),
     }
+    save_run(out_dir, fitted, result)
+    return result
+
+
+def finished_run(out_dir: Path, fp: str) -> dict[str, Any] | None:
+    """The result in out_dir/run.json if out_dir holds a finished run with fingerprint fp (and its model.pt)."""
+    marker = out_dir / "run.json"
+    if not marker.is_file():
+        return None
+    try:
+        done = json.loads(marker.read_text())
+    except ValueError:
+        return None  # unreadable: not a finished run
+    return done if done.get("fingerprint") == fp and (out_dir / "model.pt").is_file() else None
+
+
+@dataclass
+class Fit:
+    """What the loop found: one history row per epoch (history.csv), and the state that scored best on validation."""
+
+    history: list[dict[str, Any]]
+    best_state: dict[str, torch.Tensor] | None
+    best_score: float
+    best_epoch: int  # 0: before any epoch (a model fitted without gradient steps)
+    validation_seconds: list[float]  # per validation, beside history's training seconds (benchmarks report both)
+
+
+def fit(model, train: pd.DataFrame, valid: pd.DataFrame, cfg: TrainConfig, hyper: dict[str, Any], seed: int,
+        device: torch.device, label: str) -> Fit:
+    """The training loop: epochs of next-item loss over the training sequences (Adam, hyper's lr and weight_decay),
+    a validation after each, until cfg.patience epochs bring no better score or cfg.max_epochs have run. A model
+    that is not trained by gradient steps (model.trainable False) is fitted once and validated. Seeds numpy's batch
+    order with `seed`; torch's generator is the caller's (tema.training.seed_everything before building the model).
+    `label` names the run in progress output."""
+    if not model.trainable:
+        model.fit(train)
+        score, by_domain, seconds = validate(model, valid, cfg)
+        row = {"epoch": 0, "loss": float("nan"), "valid_score": score, **by_domain, "seconds": 0.0, "sequences": 0}
+        return Fit([row], copy.deepcopy(model.state_dict()), score, 0, [seconds])
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(hyper.get("lr", 1e-3)),
+                                 weight_decay=float(hyper.get("weight_decay", 0.0)), fused=True)
+    sequences = [h + [t] for h, t in zip(train["history"], train["target"], strict=True)]
+    rng = np.random.default_rng(seed)
+    fitted = Fit([], None, -1.0, 0, [])
+    model.train()
+    for epoch in range(1, cfg.max_epochs + 1):
+        started = time.perf_counter()
+        batches = training_batches(sequences, cfg.batch_size, model.max_len, rng)
+        loss, count = train_epoch(model, optimizer, batches, cfg, device, f"{label} epoch {epoch}",
+                                  -(-len(sequences) // cfg.batch_size))
+        train_seconds = time.perf_counter() - started
+        score, by_domain, seconds = validate(model, valid, cfg)
+        fitted.history.append({"epoch": epoch, "loss": loss, "valid_score": score, **by_domain,
+                               "seconds": train_seconds, "sequences": count})
+        fitted.validation_seconds.append(seconds)
+        improved = score > fitted.best_score
+        if improved:
+            fitted.best_state, fitted.best_score, fitted.best_epoch = copy.deepcopy(model.state_dict()), score, epoch
+        print(f"{label} epoch {epoch}: loss {loss:.4f} valid MRR {score:.4f}{' (best)' if improved else ''}",
+              file=sys.stderr)
+        if epoch - fitted.best_epoch >= cfg.patience:
+            break
+    return fitted
+
+
+def train_epoch(model, optimizer: torch.optim.Optimizer, batches, cfg: TrainConfig, device: torch.device,
+                label: str, n_batches: int) -> tuple[float, int]:
+    """One pass of gradient steps over batches (training_batches), with a progress bar: mean loss, sequences seen."""
+    total, count = 0.0, 0
+    bar = tqdm(batches, total=n_batches, desc=label, unit="batch", file=sys.stderr, mininterval=10, leave=False,
+               disable=os.environ.get("TEMA_PROGRESS") == "0")
+    for inputs, targets in bar:
+        inputs, targets = inputs.to(device), targets.to(device)
+        loss = model.training_loss(inputs, targets, cfg.loss, cfg.n_negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(inputs)
+        count += len(inputs)
+        bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+    return total / count, count
+
+
+def validate(model, valid: pd.DataFrame, cfg: TrainConfig) -> tuple[float, dict[str, float], float]:
+    """The selection score on the validation split (full ranking), each domain's MRR, and the seconds it took;
+    leaves the model in training mode."""
+    started = time.perf_counter()
+    model.eval()
+    per_user = evaluate_split(model.score, valid, model.space.domain_ranges, None, cfg.eval_batch_size, ("full",))
+    model.train()
+    by_domain = per_user.groupby("domain")["MRR"].mean()
+    seconds = time.perf_counter() - started
+    return selection_score(per_user), {f"valid_MRR_{d}": float(v) for d, v in by_domain.items()}, seconds
+
+
+def save_run(out_dir: Path, fitted: Fit, result: dict[str, Any]) -> None:
+    """Write a finished run: the best state (model.pt), the history (history.csv), then the result (run.json)."""
     # every file is written aside first; the old marker goes only once they are complete, and the run counts as
     # finished only once the new marker lands (a crash in between leaves no marker: the seed trains again)
-    torch.save(best_state, out_dir / "model.pt.tmp")
-    pd.DataFrame(history).to_csv(out_dir / "history.csv.tmp", index=False)
+    torch.save(fitted.best_state, out_dir / "model.pt.tmp")
+    pd.DataFrame(fitted.history).to_csv(out_dir / "history.csv.tmp", index=False)
     (out_dir / "run.json.tmp").write_text(json.dumps(result, indent=2))
-    marker.unlink(missing_ok=True)
+    (out_dir / "run.json").unlink(missing_ok=True)
     for name in ("model.pt", "history.csv", "run.json"):  # run.json last
         os.replace(out_dir / f"{name}.tmp", out_dir / name)
-    return result
 
 
 def load_run(dataset: Dataset, model_name: str, hyper: dict[str, Any], cfg: TrainConfig, run_dir: Path):

@@ -6,7 +6,7 @@ For the claim "TEMA beats strong baselines" to be honest, the baselines get the 
   configuration in params.yaml, the others are drawn without replacement, with the fixed seed
   `tune.seed`, from the grid of `tune.space` (only the keys the model's configuration already has:
   learning rate, dropout, ...) and `tune.model_space.<model>` (its own knobs, such as TEMA's aux_weight
-  or C2DSR's lambda); TEMA's ablations are not tuned apart but take TEMA's best settings;
+  or C2DSR's lambda); TEMA's ablations are not tuned apart: they inherit TEMA's settings, tuned ones included;
 - every trial is one training run of tema.training.train_run with the study's `train` settings (the same
   epoch limit, patience and early stopping) and the seed `tune.seed`; it is scored by the validation MRR
   of its selected epoch. The test split is never read;
@@ -38,6 +38,7 @@ import pandas as pd
 import yaml
 
 from tema import config, data, schema
+from tema.models import registry
 from tema.train import model_params, train_parallel
 from tema.training import TrainConfig, data_fingerprint, train_run
 
@@ -45,19 +46,14 @@ MAX_GRID = 100_000
 
 
 def accepted_keys(model: str) -> set[str]:
-    from tema.models import MODELS
-    from tema.models.registry import TRAINING_KEYS
-
-    if model not in MODELS:
-        raise config.ParamsError(f"params.yaml: unknown model {model!r}; registered: {sorted(MODELS)}")
-    return set(inspect.signature(MODELS[model].__init__).parameters) - {"self", "space", "max_len"} | TRAINING_KEYS
+    if model not in registry.MODELS:
+        raise config.ParamsError(f"params.yaml: unknown model {model!r}; registered: {sorted(registry.MODELS)}")
+    return set(inspect.signature(registry.MODELS[model].__init__).parameters) - {"self", "space", "max_len"} | registry.TRAINING_KEYS
 
 
 def model_defaults(model: str) -> dict[str, Any]:
     """The values a model uses for keys its params leave out (constructor defaults, and the training loop's)."""
-    from tema.models import MODELS
-
-    signature = inspect.signature(MODELS[model].__init__).parameters
+    signature = inspect.signature(registry.info(model).cls.__init__).parameters
     found = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
     return {"lr": 1e-3, "weight_decay": 0.0, **found}  # as tema.training.train_run reads them
 
@@ -109,15 +105,14 @@ def same_kind(value: Any, reference: Any) -> bool:
 
 def check_tune_params(params: dict[str, Any], models: list[str]) -> None:
     """Names in `tune` that nothing uses are typos: say which, before any training starts."""
-    from tema.models import MODELS
-
     shared = config.get(params, "tune.space", dict)
     own = model_spaces(params)
     for name in own:
-        if name not in MODELS:
-            raise config.ParamsError(f"params.yaml: 'tune.model_space.{name}' names no registered model; registered: {sorted(MODELS)}")
+        if name not in registry.MODELS:
+            raise config.ParamsError(f"params.yaml: 'tune.model_space.{name}' names no registered model; "
+                                     f"registered: {sorted(registry.MODELS)}")
     for key in shared:
-        if not any(key in accepted_keys(m) for m in MODELS):
+        if not any(key in accepted_keys(m) for m in registry.MODELS):
             raise config.ParamsError(f"params.yaml: 'tune.space.{key}' is a parameter of no model")
 
 
@@ -210,29 +205,16 @@ def best_params(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
     return {row.model: json.loads(row.params) for row in best.itertuples(index=False)}
 
 
-def fragment(table: pd.DataFrame, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """model_params of the best trials; TEMA's ablations in params take TEMA's (one switch fixed, the rest the same)."""
-    from tema.models.tema import ABLATIONS
-
-    best = best_params(table)
-    if "tema" in best:
-        for name in ABLATIONS:
-            if name in (config.get(params, "model_params", dict)):
-                best[name] = dict(best["tema"])
-    return best
-
-
 def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = None, trials: int | None = None) -> pd.DataFrame:
-    """The search for `models` (default: params' models but TEMA's ablations) on one dataset; writes the reports."""
+    """The search for `models` (default: params' models but the ablations) on one dataset; writes the reports."""
     schema.check(params)
-    from tema.models.tema import ABLATIONS
-
-    if models:
-        ablations = [m for m in models if m in ABLATIONS]
-        if ablations:
-            raise config.ParamsError(f"{ablations}: an ablation is TEMA with one switch fixed and otherwise TEMA's settings; "
-                                     "tune `tema` and its tuned settings are written for every ablation")
-    models = models or [m for m in config.get(params, "models", list) if m not in ABLATIONS]
+    ablations = set(registry.names("ablation"))
+    if models and ablations & set(models):
+        asked = [m for m in models if m in ablations]
+        bases = ", ".join(f"`{b}`" for b in dict.fromkeys(registry.info(m).base for m in asked))
+        raise config.ParamsError(f"{asked}: an ablation is its base model with switches fixed and inherits the base's "
+                                 f"settings; tune {bases} and the ablations run with its tuned settings")
+    models = models or [m for m in config.get(params, "models", list) if m not in ablations]
     trials = trials if trials is not None else config.get(params, "tune.trials", int)
     seed = config.get(params, "tune.seed", int)
     check_tune_params(params, models)
@@ -252,8 +234,8 @@ def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = No
         table = pd.concat([earlier, table], ignore_index=True)
     table.to_csv(reports / "tuning.csv", index=False, float_format="%.6f")
     header = (f"# Best validation trial per model from `tema tune {dataset_name}` (up to {trials} trials each, seed {seed},\n"
-              f"# the same train settings for every model; TEMA's ablations take TEMA's). A profile overlays\n"
+              f"# the same train settings for every model; an ablation inherits its base model's). A profile overlays\n"
               f"# profiles/default.yaml: copy this into profiles/ and add what else the search ran with.\n")
-    body = yaml.safe_dump({"model_params": fragment(table, params)}, sort_keys=False)
+    body = yaml.safe_dump({"model_params": best_params(table)}, sort_keys=False)
     (reports / "tuned-params.yaml").write_text(header + body, encoding="utf-8")
     return table

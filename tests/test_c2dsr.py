@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-
 from test_training import N_A, cfg, synthetic
+
 from tema.models import ItemSpace, build
 from tema.models.c2dsr import next_in_domain, transition_graphs
 from tema.training import build_model, load_run, train_run

@@ -6,10 +6,9 @@ import gzip
 import re
 
 import pytest
-
 from conftest import art_office_files, food_kitchen_files, write_raw
-from tema import data, datasets
 
+from tema import data, datasets
 
 FK_ITEMS = food_kitchen_files()["items.tsv"]
 AO_HEADER = b"idBefore,item_title,idAfter,item_attribute\n"

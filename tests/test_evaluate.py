@@ -62,7 +62,7 @@ def test_holm_families_are_baselines_and_ablations_apart():
 
 
 def test_report_names_the_best_baseline_of_each_cell():
-    from tema.report import significance_table
+    from tema.views import significance_table
 
     rows = per_user()
     sig = significance(pd.concat([rows, rows[rows["model"] == "worse"].assign(model="tema-no-tags")]), "ref")
@@ -99,7 +99,7 @@ def test_bad_evaluation_table_names_the_parameter(spec, message):
 
 def test_profiles_write_their_tables_and_the_full_profile_shares_the_default_main_table():
     from tema.cli import profile_params
-    from tema.models.tema import ABLATIONS
+    from tema.models import registry
 
     default, full, art = (profile_params(p) for p in ("default", "full", "art-office"))
     for params in (default, full, art):
@@ -111,7 +111,7 @@ def test_profiles_write_their_tables_and_the_full_profile_shares_the_default_mai
     assert full["evaluations"]["food-kitchen"] == default["evaluations"]["food-kitchen"]
     assert full["evaluations"]["art-office"] == art["evaluations"]["art-office"]
     ablations = full["evaluations"]["food-kitchen-ablations"]["models"]
-    assert ablations[0] == "tema" and set(ablations[1:]) == {m for m in full["models"] if m in ABLATIONS}
+    assert ablations[0] == "tema" and set(ablations[1:]) == set(full["models"]) & set(registry.ablations_of("tema"))
     # pages likewise: the full and art-office profiles leave the default profile's index.html as it is
     assert default["pages"] == {"index": ["food-kitchen"]} and full["pages"]["index"] == default["pages"]["index"]
     assert full["pages"]["full"] == list(full["evaluations"]) and "index" not in art["pages"]

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import food_kitchen_files, write_raw
+
 from tema import artifacts, config, data, datasets, encoders, features
 
 TAGS = {  # item_id -> [(tag, LLM rank)]
@@ -140,3 +140,25 @@ def test_images_are_embedded_and_missing_or_corrupt_ones_recorded(repo, encoder,
     failures = pd.read_csv(repo / "data" / "features" / "food-kitchen" / "visual_failures.tsv", sep="\t")
     assert list(failures["item_id"]) == [1, 2]
     assert "FileNotFoundError" in failures["reason"][0] and "UnidentifiedImageError" in failures["reason"][1]
+
+
+def test_text_items_used_encodes_only_the_items_of_some_example(repo, encoder):
+    """The smoke profile's shortcut: items no example uses keep a zero text vector, the others their full encoding."""
+    prepared = repo / "data" / "prepared" / "food-kitchen"
+    ds = data.load("food-kitchen", prepared)
+    unused = {3, 8}
+    keep = [not ({*h, t} & unused) for h, t in zip(ds.sequences["history"], ds.sequences["target"], strict=True)]
+    data.save(data.Dataset(ds.name, ds.domain_names, ds.items, ds.sequences[keep].reset_index(drop=True)), prepared)
+    params = config.load_params()
+    full = features.run("food-kitchen", params, encoder)
+    everything = np.array(artifacts.load_features("food-kitchen")["text"])
+    assert "items" not in full["text"] and np.abs(everything).sum(1).min() > 0  # all: every row encoded
+    meta = features.run("food-kitchen", config.deep_merge(params, {"features": {"text_items": "used"}}), encoder)
+    text = np.array(artifacts.load_features("food-kitchen")["text"])
+    used = sorted({i for h, t in zip(ds.sequences["history"][keep], ds.sequences["target"][keep], strict=True) for i in (*h, t)})
+    zero = [i for i in range(9) if i not in used]
+    assert set(zero) >= unused and meta["text"]["items"] == {**meta["text"]["items"], "encoded": len(used), "zero": len(zero)}
+    assert not text[zero].any()
+    assert np.allclose(text[used], everything[used], atol=1e-6)
+    with pytest.raises(config.ParamsError, match="features.text_items"):
+        features.run("food-kitchen", config.deep_merge(params, {"features": {"text_items": "some"}}), encoder)

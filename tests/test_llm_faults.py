@@ -7,45 +7,23 @@ from __future__ import annotations
 import email.utils
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import replace
 
 import pytest
-
 from stub_llm import GARBAGE, HUGE_CHARS, StubLLM
+from test_tagging import FOOD, cache_lines, client_for, closed_port_url, items
+
 from tema import tagging, tags
-from tema.tagging import EndpointError, Item, Settings, TagCache, tag_items
+from tema.tagging import EndpointError, Settings, TagCache, tag_items
 
-FOOD, KITCHEN = "Grocery & Gourmet Food", "Home & Kitchen"
 FAST = Settings(timeout_s=2.0, max_retries=3, backoff_s=0.01, concurrency=4)
-
-
-def items(n=12):
-    return [Item(i, FOOD if i % 2 == 0 else KITCHEN, f"product number{i} crunchy granola item{i}", "") for i in range(n)]
-
-
-def client_for(url, settings=FAST, key="test"):
-    from openai import OpenAI
-
-    return OpenAI(base_url=url, api_key=key, timeout=settings.timeout_s, max_retries=0)
 
 
 def run(url, its, cache, settings=FAST, sleep=lambda s: None, key="test"):
     return tag_items(its, lambda: client_for(url, settings, key), "stub", "sha-x", settings, cache, progress=False, sleep=sleep)
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
-def lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 # ---------------------------------------------------------------- Retry-After
@@ -94,7 +72,7 @@ def test_an_endpoint_answering_only_garbage_stops_the_run_and_says_what_came_bac
     message = str(err.value)
     assert err.value.reason == "bad_response" and message.startswith(f"{stub.base_url}: answers that are not chat completions")
     assert "<html>oops, your key is ***" in message and key not in message  # the body, never the key it echoed
-    assert lines(tmp_path / "c.jsonl") == []
+    assert cache_lines(tmp_path / "c.jsonl") == []
 
 
 def test_bad_response_detail_is_short_and_our_own():
@@ -114,7 +92,7 @@ def test_an_endpoint_answering_only_503_stops_the_run_early(tmp_path):
             run(stub.base_url, items(40), TagCache(tmp_path / "c.jsonl"), settings)
     assert str(err.value).startswith(f"{stub.base_url}: keeps failing (http_503 after 2 attempt(s))")
     assert len(stub.requests) < 24  # four failed in a row, four more in flight at most: the rest never went out
-    assert lines(tmp_path / "c.jsonl") == []
+    assert cache_lines(tmp_path / "c.jsonl") == []
 
 
 def test_answers_finished_before_the_stop_stay_cached(tmp_path):
@@ -124,8 +102,8 @@ def test_answers_finished_before_the_stop_stay_cached(tmp_path):
     with StubLLM(faults=slow_ok, default="http_503") as stub:  # the first four answer, then the endpoint is gone
         with pytest.raises(EndpointError):
             run(stub.base_url, its, TagCache(tmp_path / "c.jsonl"), settings)
-    assert sorted(r["item_id"] for r in lines(tmp_path / "c.jsonl")) == [0, 1, 2, 3]
-    assert all(r["status"] == "ok" for r in lines(tmp_path / "c.jsonl"))
+    assert sorted(r["item_id"] for r in cache_lines(tmp_path / "c.jsonl")) == [0, 1, 2, 3]
+    assert all(r["status"] == "ok" for r in cache_lines(tmp_path / "c.jsonl"))
     assert 4 + 4 <= len(stub.requests) <= 4 + 4 + 1  # the next item may have gone out, the rest never did
 
 
@@ -141,7 +119,7 @@ def test_transport_failures_that_do_not_persist_leave_the_run_going_and_uncached
     with StubLLM(faults=faults) as stub:
         found, failures, acct = run(stub.base_url, items(), TagCache(tmp_path / "c.jsonl"))
     assert failures == {3: "http_503", 4: "http_503", 5: "http_503", 8: "malformed_json"} and len(found) == 8
-    recorded = [(r["item_id"], r["reason"]) for r in lines(tmp_path / "c.jsonl") if r["status"] == "failed"]
+    recorded = [(r["item_id"], r["reason"]) for r in cache_lines(tmp_path / "c.jsonl") if r["status"] == "failed"]
     assert recorded == [(8, "malformed_json")]  # the answer's fault is cached, the endpoint's is not
 
 
@@ -149,9 +127,9 @@ def test_an_unreachable_endpoint_stops_the_refinement(tmp_path):
     url = closed_port_url()
     vocabulary = [f"tag {i:02d}" for i in range(12)]
     with pytest.raises(EndpointError, match=f"^{url}: unreachable"):
-        tags.llm_refine(lambda: client_for(url), "m", None, "Food", vocabulary, 3, FAST, TagCache(tmp_path / "r.jsonl"),
+        tags.llm_refine(lambda: client_for(url, FAST), "m", None, "Food", vocabulary, 3, FAST, TagCache(tmp_path / "r.jsonl"),
                         sleep=lambda s: None)
-    assert lines(tmp_path / "r.jsonl") == []
+    assert cache_lines(tmp_path / "r.jsonl") == []
 
 
 def test_the_refinement_shares_the_request_loop(tmp_path):
@@ -160,14 +138,14 @@ def test_the_refinement_shares_the_request_loop(tmp_path):
     slept = []
     faults = {"- tag 00\n": [{"status": 429, "headers": {"Retry-After": "7"}}, "garbage"]}
     with StubLLM(faults=faults) as stub:
-        merges, drops, counts = tags.llm_refine(lambda: client_for(stub.base_url), "m", None, "Food", vocabulary, 3, FAST,
+        merges, drops, counts = tags.llm_refine(lambda: client_for(stub.base_url, FAST), "m", None, "Food", vocabulary, 3, FAST,
                                                 TagCache(tmp_path / "r.jsonl"), sleep=slept.append)
     assert counts["failed_chunks"] == 0 and len(stub.requests) == 2 + 2 and slept[0] == 7.0 and len(slept) == 2
     with StubLLM(default="http_503") as stub:
         with pytest.raises(EndpointError, match="http_503"):
-            tags.llm_refine(lambda: client_for(stub.base_url), "m", None, "Food", vocabulary + ["tag 99"], 3, FAST,
+            tags.llm_refine(lambda: client_for(stub.base_url, FAST), "m", None, "Food", vocabulary + ["tag 99"], 3, FAST,
                             TagCache(tmp_path / "r.jsonl"), sleep=lambda s: None)
-    assert len(lines(tmp_path / "r.jsonl")) == 2  # only the two answers of the first run
+    assert len(cache_lines(tmp_path / "r.jsonl")) == 2  # only the two answers of the first run
 
 
 # ---------------------------------------------------------------- the cache's run lock
@@ -243,7 +221,7 @@ def test_a_huge_answer_is_parsed_whole_and_stored_cut(tmp_path):
     with StubLLM(faults={"number3 ": ["huge"]}) as stub:
         found, failures, _ = run(stub.base_url, items(4), TagCache(tmp_path / "c.jsonl"))
     assert not failures and found[3][:2] == ["product", "number"]  # parsed from the whole answer
-    record = next(r for r in lines(tmp_path / "c.jsonl") if r["item_id"] == 3)
+    record = next(r for r in cache_lines(tmp_path / "c.jsonl") if r["item_id"] == 3)
     assert len(record["raw"]) < tagging.MAX_STORED_CHARS + 60 < HUGE_CHARS
     assert record["raw"].startswith('{"tags": ["product", "number"') and record["raw"].endswith("characters in all]")
     assert len((tmp_path / "c.jsonl").read_text()) < 4 * 400 + tagging.MAX_STORED_CHARS
@@ -254,6 +232,6 @@ def test_a_failure_detail_is_stored_cut(tmp_path, monkeypatch):
     with StubLLM(faults={"number1 ": ["malformed"] * 10}) as stub:
         _, failures, _ = run(stub.base_url, items(2), TagCache(tmp_path / "c.jsonl"))
     assert failures == {1: "malformed_json"}
-    (record,) = [r for r in lines(tmp_path / "c.jsonl") if r["status"] == "failed"]
+    (record,) = [r for r in cache_lines(tmp_path / "c.jsonl") if r["status"] == "failed"]
     assert record["detail"].endswith("characters in all]") and len(record["detail"]) < 30 + 40
     assert tagging.clip("abc", 3) == "abc" and tagging.clip("abcd", 3) == "abc...[cut: 4 characters in all]"

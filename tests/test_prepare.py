@@ -6,9 +6,8 @@ import copy
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, art_office_files, food_kitchen_files, write_raw
 
-from conftest import art_office_files, food_kitchen_files, write_raw
-from conftest import ROOT
 from tema import config, prepare
 
 # the tiny food-kitchen has 4 items in domain A and 5 in B

@@ -53,7 +53,10 @@ CASES = [
     ("model_params.sasrec.heads", 3, "model_params.sasrec.heads: expected a divisor of dim (64), got 3"),
     ("model_params.c2dsr.colour", 1, "model_params.c2dsr.colour: unknown key; c2dsr accepts ['blocks', 'dim'"),
     ("model_params.tema.tags", "bag", "model_params.tema.tags: expected one of ['weighted', 'mean', 'none'], got 'bag'"),
-    ("model_params.tema-no-tags.tags", "weighted", "model_params.tema-no-tags.tags: this ablation fixes tags = 'none'"),
+    ("model_params.tema-no-tags", {"tags": "weighted"}, "model_params.tema-no-tags.tags: this ablation fixes tags = 'none'"),
+    # an ablation's entry holds what differs from its base's: heads 3 does not divide the dim of 64 it inherits
+    ("model_params.tema-no-tags", {"heads": 3}, "model_params.tema-no-tags.heads: expected a divisor of dim (64), got 3"),
+    ("model_params.tema-no-tags", {"colour": 1}, "model_params.tema-no-tags.colour: unknown key; tema-no-tags accepts"),
     ("model_params.tema.features", "food-kitchen", "model_params.tema.features: the trainer passes each dataset's features"),
     ("model_params.sasrec", KeyError, "model_params.sasrec: missing; expected the hyper-parameters of sasrec"),
     ("llm.timeout_s", "soon", "llm.timeout_s: expected a number > 0, got 'soon'"),
@@ -88,6 +91,20 @@ CASES = [
 def test_a_bad_parameter_is_named_with_its_value_and_what_was_expected(default, dotted, value, message):
     lines = errors_of(with_change(default, dotted, value))
     assert any(line.startswith("params.yaml: " + message) for line in lines), lines
+
+
+def test_an_ablation_needs_no_entry_of_its_own_but_its_base_does(default):
+    with_ablations = with_change(default, "models", [*default["models"], "tema-no-tags", "tema-no-text"])
+    assert not {"tema-no-tags", "tema-no-text"} & set(with_ablations["model_params"])
+    schema.validate(with_ablations)  # they inherit tema's
+    assert errors_of(with_change(with_ablations, "model_params.tema", KeyError)) == [
+        "params.yaml: model_params.tema: missing; expected the hyper-parameters of tema, which tema-no-tags, tema-no-text "
+        "inherit (an empty mapping {} for none)"]
+    only_ablation = with_change(with_change(default, "models", ["sasrec", "tema-no-tags"]), "evaluate.reference", "sasrec")
+    only_ablation["evaluations"] = config.evaluations({**only_ablation, "evaluations": None})
+    assert errors_of(with_change(only_ablation, "model_params.tema", KeyError)) == [
+        "params.yaml: model_params.tema: missing; expected the hyper-parameters of tema, which tema-no-tags inherits "
+        "(an empty mapping {} for none)"]
 
 
 def test_every_problem_is_listed_one_line_each(default):

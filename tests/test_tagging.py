@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
+from openai import OpenAI
 from stub_llm import StubLLM
+
 from tema import tagging
 from tema.tagging import Item, Settings, TagCache, tag_items
 
@@ -24,14 +26,25 @@ def items(n=12):
     return [Item(i, FOOD if i % 2 == 0 else KITCHEN, f"product number{i} crunchy granola item{i}", "") for i in range(n)]
 
 
-def client_for(url, settings=FAST):
-    from openai import OpenAI
-
-    return OpenAI(base_url=url, api_key="test", timeout=settings.timeout_s, max_retries=0)
+def client_for(url, settings=FAST, key="test"):
+    return OpenAI(base_url=url, api_key=key, timeout=settings.timeout_s, max_retries=0)
 
 
 def run(stub_url, its, cache, settings=FAST, model="stub"):
     return tag_items(its, lambda: client_for(stub_url, settings), model, "sha-x", settings, cache, progress=False)
+
+
+def closed_port_url() -> str:
+    """The URL of an endpoint nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def cache_lines(path):
+    """The records of an answer cache file, in the order written ([] when there is no file)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.mark.parametrize("fault", ["http_429", "http_500", "timeout", "malformed", "empty", "truncated", "no_tags", "drop"])
@@ -54,7 +67,7 @@ def test_persistent_failure_is_recorded_and_the_run_completes(tmp_path):
         tags, failures, acct = run(stub.base_url, items(), cache)
     assert failures == {5: "http_500", 7: "http_400"}  # 400 is not retried
     assert len(tags) == 10 and acct.failed == 2 and acct.failure_reasons == {"http_500": 1, "http_400": 1}
-    recorded = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    recorded = cache_lines(tmp_path / "c.jsonl")
     # only the 400, a property of the item's request, is cached as a failure; the endpoint's 500s are not
     assert [(r["item_id"], r["reason"]) for r in recorded if r["status"] == "failed"] == [(7, "http_400")]
     # the next run retries only the failed items
@@ -65,18 +78,13 @@ def test_persistent_failure_is_recorded_and_the_run_completes(tmp_path):
 
 
 def test_connection_refused_stops_the_run_and_caches_nothing(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
+    url = closed_port_url()
     with pytest.raises(tagging.EndpointError) as err:
         run(url, items(12), TagCache(tmp_path / "c.jsonl"))
     message = str(err.value)
     assert message.startswith(f"{url}: unreachable (connection_error after 4 attempt(s))") and "\n" not in message
     assert "nothing was cached" in message and err.value.reason == "connection_error" and err.value.url == url
-    assert not (tmp_path / "c.jsonl").exists() or (tmp_path / "c.jsonl").read_bytes() == b""
+    assert cache_lines(tmp_path / "c.jsonl") == []
 
 
 def test_injection_in_a_title_stays_inside_the_data_block():
@@ -134,7 +142,8 @@ from tema.tagging import Item, Settings, TagCache, tag_items
 from openai import OpenAI
 items = [Item(i, "Home & Kitchen", f"item number{{i}} steel pot", "") for i in range(40)]
 s = Settings(timeout_s=5, max_retries=1, backoff_s=0.01, concurrency=4)
-tag_items(items, lambda: OpenAI(base_url={url!r}, api_key="t", max_retries=0), "stub", "sha", s, TagCache(__import__("pathlib").Path({path!r})), progress=False)
+client = lambda: OpenAI(base_url={url!r}, api_key="t", max_retries=0)
+tag_items(items, client, "stub", "sha", s, TagCache(__import__("pathlib").Path({path!r})), progress=False)
 """
 
 
@@ -179,6 +188,6 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
         tags, failures, acct = tag_items(its, lambda: client_for(stub.base_url), "stub", "sha", Settings(concurrency=4), cache, progress=False)
         assert len(stub.requests) - n_requests == 40 - len(finished)  # only what was missing
     assert len(tags) == 40 and not failures and acct.cached == len(finished)
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records = cache_lines(path)
     ok_items = [r["item_id"] for r in records if r["status"] == "ok"]
     assert sorted(ok_items) == list(range(40))  # each item exactly once

@@ -5,26 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import copy_worktree, food_kitchen_files, write_raw
 from stub_llm import StubLLM
+from test_tagging import closed_port_url
 from test_tags_stage import bag_encoder
-from tema import config, tags
+
+from tema import artifacts, config, tags
 from tema.tagging import EndpointError
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -42,7 +35,7 @@ def tiny_repo(tmp_path, monkeypatch, root):
     write_raw(tmp_path / "data" / "raw", "food-kitchen", food_kitchen_files())
     out = tmp_path / "data" / "tags" / "food-kitchen"
     out.mkdir(parents=True)
-    for name in tags.OUTPUT_FILES:
+    for name in artifacts.TAG_FILES:
         (out / name).write_text(f"the committed {name}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tags, "text_encoder", lambda params: bag_encoder)
@@ -64,8 +57,8 @@ def test_a_run_below_the_coverage_threshold_writes_nothing(tiny_repo, monkeypatc
         params["tags"]["min_coverage"] = 0.7  # a threshold the run meets: the outputs are replaced, whole
         tags.run("food-kitchen", params)
     out = repo / "data" / "tags" / "food-kitchen"
-    assert sorted(p.name for p in out.iterdir()) == sorted(tags.OUTPUT_FILES)  # no temporary files left behind
-    assert len(tags.load_item_tags(out)) == 7
+    assert sorted(p.name for p in out.iterdir()) == sorted(artifacts.TAG_FILES)  # no temporary files left behind
+    assert len(artifacts.load_item_tags(out)) == 7
     assert json.loads((out / "accounting.json").read_text())["failed"] == 2
 
 
@@ -94,7 +87,7 @@ def test_a_limited_run_must_write_elsewhere(tiny_repo):
             tags.run("food-kitchen", params)
         finally:
             del os.environ["OPENAI_BASE_URL"]
-    assert len(tags.load_item_tags(repo / "data" / "tags-smoke" / "food-kitchen")) == 4  # 2 items per domain
+    assert len(artifacts.load_item_tags(repo / "data" / "tags-smoke" / "food-kitchen")) == 4  # 2 items per domain
     assert (repo / "data" / "tags" / "food-kitchen" / "item_tags.tsv").read_text() == "the committed item_tags.tsv\n"
 
 

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
+import httpx
 import numpy as np
+import openai
 import pytest
 import yaml
-
 from conftest import copy_worktree
 from stub_llm import StubLLM
-from tema import config, tags
-from tema.tagging import Item, TagCache, tag_items
+
+from tema import config, llm, tags
+from tema.tagging import Item, Settings, TagCache, tag_items
 
 CANARY = "sk-canary-7f3a9b1e5d"
 
@@ -82,28 +89,32 @@ def test_llm_synonym_pairs_must_also_be_close_by_embedding():
     assert report["A"]["llm"] == {"merges": 1, "below_similarity": 1}
 
 
-class FakeMergeClient:
+class FakeClient:
+    """An OpenAI-like client whose chat.completions.create is the subclass's `create`."""
+
+    def __init__(self):
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    @staticmethod
+    def completion(content: str, usage=None) -> SimpleNamespace:
+        """A chat completion with one finished choice."""
+        choice = SimpleNamespace(message=SimpleNamespace(content=content), finish_reason="stop")
+        return SimpleNamespace(choices=[choice], usage=usage)
+
+
+class FakeMergeClient(FakeClient):
     """An OpenAI-like client for the refinement prompt: names each chunk's second and first tag as synonyms
     (in that order: the stage merges into the more frequent, earlier one), adds a self-pair and a pair with a
     tag outside the chunk (both ignored), calls the last tag vague, answers out of order (random delays), and
     scripts a fault per chunk by its first tag. Records the response formats asked for."""
 
     def __init__(self, faults: dict[str, list[str]]):
-        import threading
-        from types import SimpleNamespace
-
-        self.faults, self.calls, self.lock, self.ns = faults, [], threading.Lock(), SimpleNamespace
+        super().__init__()
+        self.faults, self.calls, self.lock = faults, [], threading.Lock()
         self.in_flight = self.most_in_flight = 0
         self.formats = []
-        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
 
     def create(self, model, messages, **kwargs):
-        import random
-        import time
-
-        import httpx
-        import openai
-
         listed = [line[2:] for line in messages[-1]["content"].splitlines() if line.startswith("- ")]
         with self.lock:
             self.calls.append(listed[0])
@@ -119,14 +130,10 @@ class FakeMergeClient:
             raise openai.APIStatusError("busy", response=httpx.Response(503, request=request), body=None)
         answer = {"synonyms": [[listed[1], listed[0]], [listed[2], listed[2]], [listed[2], "not in the chunk"]],
                   "vague": [listed[-1]]}
-        content = '{"synonyms": [' if fault == "malformed" else json.dumps(answer)
-        choice = self.ns(message=self.ns(content=content), finish_reason="stop")
-        return self.ns(choices=[choice], usage=None)
+        return self.completion('{"synonyms": [' if fault == "malformed" else json.dumps(answer))
 
 
 def test_llm_refinement_is_concurrent_retried_ordered_and_cached(tmp_path):
-    from tema.tagging import Settings
-
     vocabulary = [f"tag {i:02d}" for i in range(40)]  # 10 chunks of 4
     serial = FakeMergeClient({})
     expected = tags.llm_refine(lambda: serial, "m", None, "Food", vocabulary, 4, Settings(concurrency=1),
@@ -161,15 +168,13 @@ def test_llm_refinement_is_concurrent_retried_ordered_and_cached(tmp_path):
     assert tags.llm_refine(no_client, "m", None, "Food", vocabulary, 4, settings, TagCache(tmp_path / "refine.jsonl"))[0] == expected[0]
 
 
-class FakeRetagClient:
+class FakeRetagClient(FakeClient):
     """An OpenAI-like client for the pass-2 prompt: answers with tags of the item's list (and one outside it);
     titles with "Broken" get malformed JSON every time, titles with "Short" a single tag."""
 
     def __init__(self):
-        from types import SimpleNamespace
-
-        self.ns, self.calls, self.schemas = SimpleNamespace, [], []
-        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+        super().__init__()
+        self.calls, self.schemas = [], []
 
     def create(self, model, messages, **kwargs):
         prompt = messages[-1]["content"]
@@ -183,32 +188,35 @@ class FakeRetagClient:
             content = json.dumps(choices[:1])
         else:
             content = json.dumps([choices[2], "not in the list", choices[0], choices[1]])
-        choice = self.ns(message=self.ns(content=content), finish_reason="stop")
-        return self.ns(choices=[choice], usage=self.ns(prompt_tokens=100, completion_tokens=12))
+        return self.completion(content, usage=SimpleNamespace(prompt_tokens=100, completion_tokens=12))
 
 
-def test_llm_pass2_fills_under_tagged_items_from_the_vocabulary_and_caches(tmp_path):
-    from tema.tagging import Settings
+PASS2_VOCAB = tags.pd.DataFrame({"domain": ["A"] * 5 + ["B"] * 4,
+                                 "tag": ["snack", "cookie", "dark chocolate", "candy", "tea", "skillet", "cookware", "cast iron", "pan"],
+                                 "count": 1, "shared": False})
+PASS2_ITEMS = [Item(0, "Food", "Chocolate Cookie Snack", ""), Item(1, "Food", "Dark Chocolate Bar", "rich cocoa"),
+               Item(2, "Food", "Broken Candy", ""), Item(3, "Food", "Short Tea Tin", ""), Item(4, "Kitchen", "Cast Iron Pan", "")]
+PASS2_DOMAIN_OF = {0: "A", 1: "A", 2: "A", 3: "A", 4: "B"}
+PASS2_MAPPED = {0: [("cookie", 1), ("snack", 2), ("dark chocolate", 3)], 1: [("dark chocolate", 2)], 2: [("candy", 1)],
+                3: [("tea", 1), ("snack", 4)]}  # item 4 failed pass 1: no tags at all
+PASS2_FILL = {"mode": "fill", "min_tags": 3, "shortlist": 4}
+PASS2_SETTINGS = Settings(k=3, max_retries=1, backoff_s=0.0)
 
-    vocab = tags.pd.DataFrame({"domain": ["A"] * 5 + ["B"] * 4,
-                               "tag": ["snack", "cookie", "dark chocolate", "candy", "tea", "skillet", "cookware", "cast iron", "pan"],
-                               "count": 1, "shared": False})
-    items = [Item(0, "Food", "Chocolate Cookie Snack", ""), Item(1, "Food", "Dark Chocolate Bar", "rich cocoa"),
-             Item(2, "Food", "Broken Candy", ""), Item(3, "Food", "Short Tea Tin", ""), Item(4, "Kitchen", "Cast Iron Pan", "")]
-    domain_of = {0: "A", 1: "A", 2: "A", 3: "A", 4: "B"}
-    mapped = {0: [("cookie", 1), ("snack", 2), ("dark chocolate", 3)], 1: [("dark chocolate", 2)], 2: [("candy", 1)],
-              3: [("tea", 1), ("snack", 4)]}  # item 4 failed pass 1: no tags at all
-    pass2 = {"mode": "fill", "min_tags": 3, "shortlist": 4}
-    settings = Settings(k=3, max_retries=1, backoff_s=0.0)
-    client = FakeRetagClient()
-    cache = TagCache(tmp_path / "pass2.jsonl")
-    out, report = tags.llm_pass2(items, domain_of, vocab, mapped, bag_encoder, pass2, lambda: client, "m", None, settings, cache,
-                                 progress=False)
+
+def run_pass2(client, cache_path, vocab=PASS2_VOCAB, pass2=PASS2_FILL):
+    """llm_pass2 over the items above through `client`, with the answer cache at `cache_path`."""
+    return tags.llm_pass2(PASS2_ITEMS, PASS2_DOMAIN_OF, vocab, PASS2_MAPPED, bag_encoder, pass2, lambda: client, "m", None,
+                          PASS2_SETTINGS, TagCache(cache_path), progress=False)
+
+
+def test_llm_pass2_fills_under_tagged_items_from_the_vocabulary(tmp_path):
+    client, mapped = FakeRetagClient(), PASS2_MAPPED
+    out, report = run_pass2(client, tmp_path / "pass2.jsonl")
     assert sorted(set(client.calls)) == ["Broken Candy", "Cast Iron Pan", "Dark Chocolate Bar", "Short Tea Tin"]  # not item 0
     assert out[0] == mapped[0]
     # the shortlist: the mapped tags first, then the vocabulary tags of the item's own domain nearest its text
-    lists = tags.shortlists(items[1:2], domain_of, vocab, mapped, bag_encoder, 4)
-    assert lists[1][0] == "dark chocolate" and len(lists[1]) == 4 and set(lists[1]) <= set(vocab.tag[vocab.domain == "A"])
+    lists = tags.shortlists(PASS2_ITEMS[1:2], PASS2_DOMAIN_OF, PASS2_VOCAB, mapped, bag_encoder, 4)
+    assert lists[1][0] == "dark chocolate" and len(lists[1]) == 4 and set(lists[1]) <= set(PASS2_VOCAB.tag[PASS2_VOCAB.domain == "A"])
     assert out[1] == [(lists[1][2], 1), (lists[1][0], 2), (lists[1][1], 3)]  # ranked as answered; the unlisted tag dropped
     assert {t for t, _ in out[4]} <= {"skillet", "cookware", "cast iron", "pan"} and len(out[4]) == 3
     assert out[2] == mapped[2] and out[3] == mapped[3]  # a failed request, and a shorter answer, keep the mapping
@@ -218,24 +226,21 @@ def test_llm_pass2_fills_under_tagged_items_from_the_vocabulary_and_caches(tmp_p
     assert report["kept_mapping"] == 1 and report["failure_reasons"] == {"malformed_json": 1}
     assert report["tokens_out"] == 3 * 12
 
-    def no_client():
-        raise AssertionError("only the failed item may be asked again")
 
+def test_llm_pass2_asks_again_only_what_failed_or_changed(tmp_path):
+    cache = tmp_path / "pass2.jsonl"
+    out, report = run_pass2(FakeRetagClient(), cache)
     # a re-run asks only the failed item again and gives the same tags and report
     again = FakeRetagClient()
-    out2, report2 = tags.llm_pass2(items, domain_of, vocab, mapped, bag_encoder, pass2, lambda: again, "m", None, settings,
-                                   TagCache(tmp_path / "pass2.jsonl"), progress=False)
-    assert set(again.calls) == {"Broken Candy"} and out2 == out and report2 == report
+    assert run_pass2(again, cache) == (out, report) and set(again.calls) == {"Broken Candy"}
     # a changed vocabulary changes the shortlists, and exactly the items whose list changed are asked again
-    grown = tags.pd.concat([vocab, tags.pd.DataFrame({"domain": ["B"], "tag": ["iron pan"], "count": 1, "shared": False})])
+    grown = tags.pd.concat([PASS2_VOCAB, tags.pd.DataFrame({"domain": ["B"], "tag": ["iron pan"], "count": 1, "shared": False})])
     third = FakeRetagClient()
-    tags.llm_pass2(items, domain_of, grown, mapped, bag_encoder, pass2, lambda: third, "m", None, settings,
-                   TagCache(tmp_path / "pass2.jsonl"), progress=False)
+    run_pass2(third, cache, vocab=grown)
     assert set(third.calls) == {"Broken Candy", "Cast Iron Pan"}
     # "retag" asks for every item
     fourth = FakeRetagClient()
-    tags.llm_pass2(items, domain_of, vocab, mapped, bag_encoder, {**pass2, "mode": "retag"}, lambda: fourth, "m", None,
-                   settings, TagCache(tmp_path / "all.jsonl"), progress=False)
+    run_pass2(fourth, tmp_path / "all.jsonl", pass2={**PASS2_FILL, "mode": "retag"})
     assert len(set(fourth.calls)) == 5
 
 
@@ -301,8 +306,6 @@ def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
 
 @pytest.mark.slow
 def test_short_real_run_through_the_embedded_server(tmp_path, monkeypatch, root):
-    from tema import config, llm
-
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     params = config.load_params(root / "profiles" / "default.yaml")
     params["llm"]["embedded"].update(n_parallel=2, threads=2)
@@ -319,6 +322,5 @@ def test_short_real_run_through_the_embedded_server(tmp_path, monkeypatch, root)
     assert acct.tokens_out > 0 and acct.requests == 3
     assert any("tea" in tag for tag in found[0])
     # the server is gone: nothing listens on its port any more
-    import urllib.request
     with pytest.raises(OSError):
         urllib.request.urlopen(ep.started.base_url.removesuffix("/v1") + "/health", timeout=2)

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from test_training import N_A, N_B, cfg, synthetic
+
 from tema import artifacts
 from tema import train as train_stage
-from tema.models import MODELS, ItemSpace, build
+from tema.models import ItemSpace, build, registry
 from tema.models.tema import ABLATIONS
 from tema.training import fingerprint, load_run, model_features, train_run
 
@@ -77,7 +77,8 @@ def test_ablation_switches_remove_what_they_name():
     assert model("tema-no-tag-attention").streams_[0].tag_attention is None and full.streams_[0].tag_attention is not None
     assert model("tema-no-cross-attention").cross is None and full.cross is not None
     assert not model("tema-no-text").items.use_text and full.items.use_text
-    assert set(ABLATIONS) <= set(MODELS)
+    assert registry.ablations_of("tema") == list(ABLATIONS)  # each registered, as TEMA with its switch fixed
+    assert all(dict(registry.info(n).fixed) == fixed for n, (_, fixed) in ABLATIONS.items())
     with pytest.raises(ValueError, match="fixes"):
         model("tema-no-tags", tags="weighted")
     model("tema-no-tags", tags="none")  # repeating the fixed switch is fine
@@ -205,5 +206,6 @@ def test_without_images_the_visual_switch_changes_nothing():
     assert with_images.items.use_visual and not model("tema-no-visual", features=images).items.use_visual
     with torch.no_grad():
         e = with_images.items(torch.tensor([1, 2]))  # item 0 has no image (mask 0), item 1 has one
-        no_vis = with_images.items.ids.weight[[1, 2]] + with_images.items.p_text(with_images.items.text[[1, 2]]) + with_images.items.tag_fusion(torch.tensor([1, 2]))
+        items = with_images.items
+        no_vis = items.ids.weight[[1, 2]] + items.p_text(items.text[[1, 2]]) + items.tag_fusion(torch.tensor([1, 2]))
     assert torch.allclose(e[0], no_vis[0], atol=1e-6) and not torch.allclose(e[1], no_vis[1], atol=1e-3)

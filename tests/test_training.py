@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import select
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 
 from tema import config, data
 from tema.models import ItemSpace, build
-from tema.training import TrainConfig, load_run, next_item_loss, train_run
+from tema.models.base import next_item_loss
+from tema.training import TrainConfig, load_run, train_run
 
 N_A, N_B = 30, 40
 
@@ -122,6 +124,21 @@ def test_scores_do_not_depend_on_the_padding_a_batch_needs(model):
         alone = recommender.score([short], "B")
         batched = recommender.score([short, long], "B")[:1]
     assert torch.allclose(alone, batched, atol=1e-5)
+
+
+def test_the_throughput_benchmark_times_the_study_loop(tmp_path, root):
+    """benchmarks/train_throughput.py measures tema.training's loop: its epochs score what train_run's do."""
+    spec = importlib.util.spec_from_file_location("train_throughput", root / "benchmarks" / "train_throughput.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    params = config.load_params(root / "profiles" / "default.yaml")
+    params["model_params"]["gru4rec"] = {"dim": 16, "lr": 0.01}
+    measured = benchmark.measure("gru4rec", synthetic(), params, cfg(patience=1), 2)  # every epoch: no early stop
+    assert measured["sequences_per_s"] > 0 and measured["eval_seconds"] > 0
+    hyper = benchmark.model_params(params, "gru4rec")
+    trained = train_run(synthetic(), "gru4rec", hyper, cfg(max_epochs=2, patience=2), 0, tmp_path, "d")
+    assert trained["epochs_run"] == 2
+    assert measured["valid_score"] == pd.read_csv(tmp_path / "history.csv")["valid_score"].iloc[-1]
 
 
 def study_root(tmp_path, monkeypatch, root, **train) -> dict:

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from test_training import cfg, synthetic
 
 from tema import config, tune
-from test_training import cfg, synthetic
 
 PARAMS = {
     "tune": {
@@ -57,15 +57,20 @@ def test_bad_tuning_params_name_the_parameter():
     tune.check_tune_params(PARAMS, ["gru4rec"])  # aux_weight is TEMA's: a parameter of some model
 
 
-def test_ablations_are_not_tuned_apart_from_tema():
-    import pandas as pd
+def test_ablations_are_not_tuned_apart_but_inherit_their_base_models_tuned_settings():
+    from tema.train import model_params
 
     with pytest.raises(config.ParamsError, match=r"tema-no-tags.*tune `tema`"):
         tune.run("food-kitchen", config.load_params(config.repo_root() / "profiles" / "default.yaml"), models=["tema-no-tags"])
     table = pd.DataFrame({"model": ["tema", "tema", "sasrec"], "trial": [0, 1, 0], "valid_MRR": [0.1, 0.2, 0.1],
                           "params": [json.dumps({"aux_weight": 0.5}), json.dumps({"aux_weight": 1.0}), json.dumps({"lr": 1})]})
-    params = {"model_params": {"tema": {}, "tema-no-tags": {"aux_weight": 0.5}, "sasrec": {}}}
-    assert tune.fragment(table, params) == {"sasrec": {"lr": 1}, "tema": {"aux_weight": 1.0}, "tema-no-tags": {"aux_weight": 1.0}}
+    fragment = tune.best_params(table)  # what tuned-params.yaml holds: the tuned models only
+    assert fragment == {"sasrec": {"lr": 1}, "tema": {"aux_weight": 1.0}}
+    # copied into a profile, the fragment reaches the ablations through their base; their own differences stay
+    profile = {"model_params": {"tema": {"dim": 16, "aux_weight": 0.5}, "tema-no-tags": {"dropout": 0.0}, "sasrec": {}}}
+    tuned = config.deep_merge(profile, {"model_params": fragment})
+    assert model_params(tuned, "tema-no-tags") == {"dim": 16, "aux_weight": 1.0, "dropout": 0.0}
+    assert model_params(tuned, "tema-no-text") == {"dim": 16, "aux_weight": 1.0}
 
 
 def test_search_selects_on_validation_never_reads_test_and_resumes(tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tema.data import DataError, Dataset
-from tema.datasets.raw import check_item, check_item_table, csv_records, decoded_lines, parse_int, read_raw_bytes, sequence_table
+from tema.datasets.raw import check_item, check_item_table, csv_records, decoded_lines, parse_int, sequence_table, vendored_file
 from tema.datasets.registry import register
 
 DOMAIN_NAMES = {"A": "Arts, Crafts & Sewing", "B": "Office Products"}
@@ -19,8 +19,7 @@ DOMAIN_NAMES = {"A": "Arts, Crafts & Sewing", "B": "Office Products"}
 def read_art_office(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
     name = "art-office"
 
-    def raw(fname: str) -> tuple[bytes, str]:
-        return read_raw_bytes(raw_dir / fname, checksums, f"{name}/{fname}"), f"{raw_dir / fname}.gz"
+    raw = vendored_file(raw_dir, checksums, name)
 
     rows, origins = [], []
     for fname, domain in [("item_listA_F.csv", "A"), ("item_listO_AA_F.csv", "B")]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tema.data import DataError, Dataset
-from tema.datasets.raw import check_item, check_item_table, decoded_lines, parse_int, read_raw_bytes, sequence_table
+from tema.datasets.raw import check_item, check_item_table, decoded_lines, parse_int, sequence_table, vendored_file
 from tema.datasets.registry import register
 
 DOMAIN_NAMES = {"A": "Grocery & Gourmet Food", "B": "Home & Kitchen"}
@@ -19,8 +19,7 @@ DOMAIN_NAMES = {"A": "Grocery & Gourmet Food", "B": "Home & Kitchen"}
 def read_food_kitchen(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
     name = "food-kitchen"
 
-    def raw(fname: str) -> tuple[bytes, str]:
-        return read_raw_bytes(raw_dir / fname, checksums, f"{name}/{fname}"), f"{raw_dir / fname}.gz"
+    raw = vendored_file(raw_dir, checksums, name)
 
     data, shown = raw("num.txt")
     counts = [parse_int(t, f"{shown}:{n}", "an item count") for n, t in decoded_lines(data, shown)]

@@ -7,7 +7,7 @@ import csv
 import gzip
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +34,15 @@ def read_raw_bytes(path: Path, checksums: dict[str, str], key: str) -> bytes:
     if digest != checksums[key]:
         raise DataError(f"{shown}: checksum mismatch, expected sha256 {checksums[key]}, got {digest}")
     return data
+
+
+def vendored_file(raw_dir: Path, checksums: dict[str, str], dataset: str) -> Callable[[str], tuple[bytes, str]]:
+    """read(file name) -> (its verified decompressed bytes, the path errors name) for one dataset's vendored files."""
+
+    def read(fname: str) -> tuple[bytes, str]:
+        return read_raw_bytes(raw_dir / fname, checksums, f"{dataset}/{fname}"), f"{raw_dir / fname}.gz"
+
+    return read
 
 
 def read_checksums(raw_root: Path) -> dict[str, str]:

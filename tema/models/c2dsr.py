@@ -18,8 +18,8 @@ Read top to bottom like the paper:
    Y positions from the same X representation together with a merged sequence whose X items were
    replaced at random (and symmetrically for Y).
 
-Where this differs from the authors' code (cjx96/C2DSR), and why, is listed in DEVIATIONS; the
-report prints it.
+Where this differs from the authors' code (cjx96/C2DSR), and why, is listed in DEVIATIONS, registered with the
+model (tema.models.registry); the report prints it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tema.models.base import ItemSpace, SequenceRecommender, pad_histories
 from tema.models.registry import register
 from tema.models.sasrec import causal_padding_mask
 
+# Registered with the model (tema.models.registry); printed in the report's "Deviations" section.
 DEVIATIONS = [
     "Sequences with items of one domain only are kept for the recommendation losses (the authors' loader drops "
     "them: their Amazon splits have only overlapping users, while 85% of food-kitchen's training users see one "
@@ -59,7 +60,7 @@ DEVIATIONS = [
 
 
 # The paper's settings for its Amazon datasets (Cao et al. 2022, Sec. 5; the authors' train_rec.py) and why
-# this study's params.yaml may differ; the report prints the comparison.
+# this study's params.yaml may differ; registered with the model, the report prints the comparison.
 PAPER_HYPER = {"dim": 256, "blocks": 2, "heads": 1, "dropout": 0.2, "lam": 0.7, "lr": 0.001, "max_len": 15,
                "loss_positions": 10, "weight_decay": 0.0}
 WHY_DIFFERENT = {
@@ -178,7 +179,7 @@ def next_in_domain(inputs: torch.Tensor, targets: torch.Tensor, in_domain) -> to
     return out
 
 
-@register("c2dsr")
+@register("c2dsr", display="C2DSR", group="baseline", deviations=DEVIATIONS, paper_hyper=PAPER_HYPER, why_different=WHY_DIFFERENT)
 class C2DSR(SequenceRecommender):
     def __init__(
         self, space: ItemSpace, max_len: int, dim: int = 256, blocks: int = 2, heads: int = 1, dropout: float = 0.2,

@@ -9,7 +9,7 @@ from tema.models.base import ItemSpace, SequenceRecommender
 from tema.models.registry import register
 
 
-@register("gru4rec")
+@register("gru4rec", display="GRU4Rec", group="baseline")
 class GRU4Rec(SequenceRecommender):
     def __init__(self, space: ItemSpace, max_len: int, dim: int = 64, layers: int = 1, dropout: float = 0.2):
         super().__init__(space, max_len)

@@ -10,7 +10,7 @@ from tema.models.base import ItemSpace, SequenceRecommender
 from tema.models.registry import register
 
 
-@register("popularity")
+@register("popularity", display="Popularity", group="baseline")
 class Popularity(SequenceRecommender):
     trainable = False
 

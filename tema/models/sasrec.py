@@ -41,7 +41,7 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
-@register("sasrec")
+@register("sasrec", display="SASRec", group="baseline")
 class SASRec(SequenceRecommender):
     def __init__(self, space: ItemSpace, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 2, dropout: float = 0.2):
         super().__init__(space, max_len)

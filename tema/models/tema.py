@@ -21,19 +21,18 @@ The paper's full text is not available here; this follows the reconstruction in 
    the same loss for the merged state and for the domain state alone (in-domain sampled softmax by
    default, as for every model here; a uniform proposal makes the logQ correction a constant that cancels).
 
-Every ablation is a constructor switch (params.yaml, model_params.<name>), and each has a registered name:
-tags = weighted | mean | none, tag_attention, cross_attention, text, visual.
+Every ablation is a constructor switch (tags = weighted | mean | none, tag_attention, cross_attention, text,
+visual), and each has a registered name (ABLATIONS): TEMA with that switch fixed. An ablation inherits TEMA's
+hyper-parameters (tema.models.registry.hyper): model_params.<ablation> is optional and holds only what differs.
 
 Also here: SASRec-text, the baseline that isolates what tags add beyond text (item ID + frozen text
 vector, no tags, one merged sequence). It lives in this module so that a change to the shared item
-representation retrains both (tema.training fingerprints a model's own module).
+representation retrains both (tema.training fingerprints a model's module with what it imports).
 
 The frozen arrays come from the features stage: the trainer (tema.training) reads them through
 tema.artifacts and passes them as `features`, with their identity, which is part of the run's fingerprint
 (new features retrain the model). The checkpoint records that identity too, and loading it into a model
-built on other features is an error. Known gap: TEMA uses sasrec.py's Block and mask, and the run fingerprint
-hashes a model's own module only, so an edit to sasrec.py re-runs the train stage (dvc tracks tema/models)
-but reuses TEMA's finished runs.
+built on other features is an error.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ from tema.models.sasrec import Block, causal_padding_mask
 
 TAG_MODES = ("weighted", "mean", "none")
 
-# Printed in the report's "Deviations" section.
+# Registered with TEMA and its ablations (tema.models.registry); printed in the report's "Deviations" section.
 DEVIATIONS = [
     "The paper's full text (equations, hyper-parameters, prompts) is not available here: the architecture is the "
     "reconstruction in the study's design from the abstract and the authors' predecessors (IFCDSR, LLM-EMF, C2DSR), "
@@ -409,24 +408,26 @@ class TEMAModel(ReadsFeatures, SequenceRecommender):
         return records
 
 
-@register("tema")
+@register("tema", display="TEMA", group="ours", deviations=DEVIATIONS, choices={"tags": TAG_MODES})
 class TEMA(TEMAModel):
     pass
 
 
-# Ablations: each fixes one switch (design.md); the names are what params.yaml lists under `models`.
+# Ablations: each is TEMA with one switch fixed (design.md) and otherwise TEMA's hyper-parameters; the names are what
+# params.yaml lists under `models`: name -> (display name, fixed switches).
 ABLATIONS = {
-    "tema-no-tags": {"tags": "none"},
-    "tema-mean-tags": {"tags": "mean"},
-    "tema-no-tag-attention": {"tag_attention": False},
-    "tema-no-cross-attention": {"cross_attention": False},
-    "tema-no-text": {"text": False},
-    "tema-no-visual": {"visual": False},
+    "tema-no-tags": ("TEMA w/o tags", {"tags": "none"}),
+    "tema-mean-tags": ("TEMA mean-pooled tags", {"tags": "mean"}),
+    "tema-no-tag-attention": ("TEMA w/o tag attention", {"tag_attention": False}),
+    "tema-no-cross-attention": ("TEMA w/o cross-attention", {"cross_attention": False}),
+    "tema-no-text": ("TEMA w/o text", {"text": False}),
+    "tema-no-visual": ("TEMA w/o visual", {"visual": False}),
 }
 
 
-def _ablation(name: str, fixed: dict[str, Any]) -> type:
-    """TEMA with `fixed` switches; params.yaml may repeat them but not contradict them."""
+def _ablation(name: str, display: str, fixed: dict[str, Any]) -> type:
+    """TEMA with `fixed` switches, registered as an ablation of "tema"; params.yaml may repeat them but not
+    contradict them."""
 
     def __init__(self, space: ItemSpace, max_len: int, **kwargs: Any) -> None:
         clash = {k: kwargs[k] for k in fixed if k in kwargs and kwargs[k] != fixed[k]}
@@ -435,15 +436,15 @@ def _ablation(name: str, fixed: dict[str, Any]) -> type:
         TEMAModel.__init__(self, space, max_len, **{**kwargs, **fixed})
 
     __init__.__signature__ = inspect.signature(TEMAModel.__init__)  # what registry.build accepts
-    cls = type(name.title().replace("-", ""), (TEMAModel,), {"__init__": __init__, "__module__": __name__, "fixed": fixed})
-    return register(name)(cls)
+    cls = type(name.title().replace("-", ""), (TEMAModel,), {"__init__": __init__, "__module__": __name__})
+    return register(name, display=display, group="ablation", base="tema", fixed=fixed)(cls)
 
 
-for _name, _fixed in ABLATIONS.items():
-    _ablation(_name, _fixed)
+for _name, (_display, _fixed) in ABLATIONS.items():
+    _ablation(_name, _display, _fixed)
 
 
-@register("sasrec-text")
+@register("sasrec-text", display="SASRec-text", group="baseline")
 class SASRecText(ReadsFeatures, SequenceRecommender):
     """SASRec over item ID + frozen text vectors (no tags, no domain streams): what text alone adds."""
 
