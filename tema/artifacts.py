@@ -57,6 +57,11 @@ def eval_dir(table: str) -> Path:
     return config.dataset_dir("eval", table)
 
 
+def text_memo_dir() -> Path:
+    """Encoded item texts remembered by their exact input (tema.encoders.encode_memoized; git- and dvc-ignored)."""
+    return config.repo_root() / "data" / "cache" / "text-vectors"
+
+
 def reports_dir(name: str = "") -> Path:
     out = config.repo_root() / "reports"
     return out / name if name else out

@@ -78,6 +78,38 @@ class TextEncoder:
         ).astype(np.float32)
 
 
+MEMO_KEEP = 6  # memoized encodings kept per folder (the newest); one benchmark's full item text is ~60 MB
+
+
+def encode_memoized(encoder: Callable[..., np.ndarray], texts: list[str], memo_dir: Path, desc: str | None = None) -> np.ndarray:
+    """encoder(texts), remembered on disk under memo_dir by the exact input: the encoder's name, batch size and
+    maximum length, and every text in order. Bitwise the same as encoding afresh: a whole input list is stored and
+    reused only for that identical list (the batches an encoder forms, and with them the last bits of each vector,
+    depend on the whole list, so vectors are never reassembled from other runs' pieces). A re-run of the features
+    stage on unchanged inputs (a forced run, or one that an edit elsewhere triggered) then takes seconds."""
+    identity = [getattr(encoder, "name", type(encoder).__name__), getattr(encoder, "batch_size", None),
+                getattr(encoder, "max_seq_length", None)]
+    key = sha256_lines([*map(str, identity), *texts])[:32]
+    path = memo_dir / f"{key}.npy"
+    if path.is_file():
+        try:
+            vectors = np.load(path, allow_pickle=False)
+            if vectors.shape[0] == len(texts):
+                if desc and os.environ.get("TEMA_PROGRESS") != "0":
+                    print(f"{desc}: {len(texts):,} texts, encoded before ({path.name})", file=sys.stderr)
+                return vectors
+        except (OSError, ValueError):
+            pass  # a torn or foreign file: encode afresh and replace it
+    vectors = encoder(texts, desc=desc)
+    memo_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
+    np.save(tmp, vectors, allow_pickle=False)
+    os.replace(tmp, path)
+    for stale in sorted(memo_dir.glob("*.npy"), key=lambda p: p.stat().st_mtime, reverse=True)[MEMO_KEEP:]:
+        stale.unlink(missing_ok=True)
+    return vectors
+
+
 def load_text_encoder(params: dict[str, Any], batch_size: int | None = None) -> Callable[[list[str]], np.ndarray]:
     """The text encoder named by params (features.text_encoder, features.batch_size)."""
     if batch_size is None:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from tema import artifacts, config, data, schema
-from tema.encoders import TextEncoder, encode_images, sha256_lines
+from tema.encoders import TextEncoder, encode_images, encode_memoized, sha256_lines
 
 
 def text_rows(dataset: data.Dataset, params: dict[str, Any]) -> np.ndarray:
@@ -100,7 +100,7 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
     started = time.perf_counter()
     rows = text_rows(dataset, params)
     vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)
-    vectors[rows] = encoder([texts[i] for i in rows], desc=f"{dataset_name} item text")
+    vectors[rows] = encode_memoized(encoder, [texts[i] for i in rows], artifacts.text_memo_dir(), desc=f"{dataset_name} item text")
     artifacts.write_npy(out / "text.npy", vectors)
     meta["text"] = {"encoder": name, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length,
                     "input_sha256": sha256_lines(texts)}

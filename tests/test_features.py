@@ -162,3 +162,24 @@ def test_text_items_used_encodes_only_the_items_of_some_example(repo, encoder):
     assert np.allclose(text[used], everything[used], atol=1e-6)
     with pytest.raises(config.ParamsError, match="features.text_items"):
         features.run("food-kitchen", config.deep_merge(params, {"features": {"text_items": "some"}}), encoder)
+
+
+def test_item_texts_are_encoded_once_per_identical_input(repo, encoder, monkeypatch):
+    """A re-run on the same inputs reads the remembered vectors (bit for bit those of the first run); any change of
+    the texts encodes afresh."""
+    calls = []
+    real = encoders.TextEncoder.__call__
+    monkeypatch.setattr(encoders.TextEncoder, "__call__", lambda self, texts, desc=None: calls.append(len(texts)) or real(self, texts, desc))
+    params = config.load_params()
+    features.run("food-kitchen", params, encoder)
+    first = np.array(artifacts.load_features("food-kitchen")["text"])
+    assert calls == [9, 8]  # the item texts, then the tags
+    features.run("food-kitchen", params, encoder)
+    assert calls == [9, 8, 8] and np.array_equal(np.array(artifacts.load_features("food-kitchen")["text"]), first)
+    assert len(list(artifacts.text_memo_dir().glob("*.npy"))) == 1
+    prepared = repo / "data" / "prepared" / "food-kitchen"
+    ds = data.load("food-kitchen", prepared)
+    ds.items.loc[0, "title"] = "another title"
+    data.save(ds, prepared)
+    features.run("food-kitchen", params, encoder)
+    assert calls == [9, 8, 8, 9, 8] and len(list(artifacts.text_memo_dir().glob("*.npy"))) == 2

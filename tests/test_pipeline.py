@@ -96,12 +96,13 @@ def test_second_repro_does_nothing_and_forced_repro_is_byte_identical(smoke_repo
     before = report_files(smoke_repo)
     out = sh("dvc", "repro", cwd=smoke_repo)
     assert "Running stage" not in out and "up to date" in out
-    # every kind of stage once more, on the same inputs: food-kitchen's chain (prepare, tags from the LLM answer cache,
-    # features, every model's training, evaluate) and a report page; the other dataset's chain is the same code
-    forced = sh("dvc", "repro", "--force", "evaluate@food-kitchen", cwd=smoke_repo)
-    forced += sh("dvc", "repro", "--force", "--single-item", "report@index", cwd=smoke_repo)
-    for stage in ["prepare@food-kitchen", "tags@food-kitchen", "features@food-kitchen", "train@food-kitchen-tema",
-                  "evaluate@food-kitchen", "report@index"]:
+    # every kind of stage once more, on the same inputs: the chain of food-kitchen's ablation table (prepare, tags from
+    # the LLM answer cache, features, TEMA and its ablation trained, evaluate, its report page); the other stages of
+    # the profile run the same code on other data or models
+    chain = ["prepare@food-kitchen", "tags@food-kitchen", "features@food-kitchen", "train@food-kitchen-tema",
+             "train@food-kitchen-tema-no-tags", "evaluate@food-kitchen-ablations", "report@ablations"]
+    forced = sh("dvc", "repro", "--force", "--single-item", *chain, cwd=smoke_repo)
+    for stage in chain:
         assert f"Running stage '{stage}'" in forced, stage
     after = report_files(smoke_repo)
     assert sorted(after) == sorted(before)
