@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tema.data import DataError, Dataset
-from tema.datasets.raw import check_item, check_item_table, csv_records, decoded_lines, parse_int, sequence_table, vendored_file
+from tema.datasets.raw import canonical, check_item, check_item_table, csv_records, decoded_lines, parse_int, vendored_file
 from tema.datasets.registry import register
 
 DOMAIN_NAMES = {"A": "Arts, Crafts & Sewing", "B": "Office Products"}
@@ -90,10 +90,4 @@ def read_art_office(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
             previous.append(lineno)
             last_user = user
             examples.append((f"{stem}:{user}#{len(previous)}", split, seq[:-1], seq[-1]))
-    return Dataset(
-        name=name,
-        domain_names=dict(DOMAIN_NAMES),
-        items=items,
-        sequences=sequence_table(examples, items),
-        provenance={"origin": "github.com/TingJShen/URLLM DG_Final/AO @ e31a04e8c29e1c99e1bb012982040991a995f08a"},
-    )
+    return canonical(name, DOMAIN_NAMES, items, examples, "github.com/TingJShen/URLLM DG_Final/AO @ e31a04e8c29e1c99e1bb012982040991a995f08a")

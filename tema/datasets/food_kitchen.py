@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tema.data import DataError, Dataset
-from tema.datasets.raw import check_item, check_item_table, decoded_lines, parse_int, sequence_table, vendored_file
+from tema.datasets.raw import canonical, check_item, check_item_table, decoded_lines, parse_int, vendored_file
 from tema.datasets.registry import register
 
 DOMAIN_NAMES = {"A": "Grocery & Gourmet Food", "B": "Home & Kitchen"}
@@ -82,10 +82,4 @@ def read_food_kitchen(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
                 what = "a target with no history" if split != "train" else "a sequence of one item (nothing to predict)"
                 raise DataError(f"{where}: {what} for user {user}; expected at least 2 items")
             examples.append((f"{stem}:{user}", split, seq[:-1], seq[-1]))
-    return Dataset(
-        name=name,
-        domain_names=dict(DOMAIN_NAMES),
-        items=items,
-        sequences=sequence_table(examples, items),
-        provenance={"origin": "github.com/xhran2010/LLMCDSR data/food-kitchen @ 857de8d516909c16e96e3b4630f18d5a093faadd"},
-    )
+    return canonical(name, DOMAIN_NAMES, items, examples, "github.com/xhran2010/LLMCDSR data/food-kitchen @ 857de8d516909c16e96e3b4630f18d5a093faadd")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tema.data import DataError
+from tema.data import DataError, Dataset
 
 
 def read_raw_bytes(path: Path, checksums: dict[str, str], key: str) -> bytes:
@@ -140,3 +140,11 @@ def sequence_table(examples: list[tuple[str, str, list[int], int]], items: pd.Da
     table = pd.DataFrame(examples, columns=["user", "split", "history", "target"])
     table["target_domain"] = domain_of[table["target"].to_numpy()]
     return table
+
+
+def canonical(name: str, domain_names: dict[str, str], items: pd.DataFrame, examples: list[tuple[str, str, list[int], int]],
+              origin: str) -> Dataset:
+    """The Dataset a reader returns: its checked item table, its (user, split, history, target) examples, and
+    where the raw files came from."""
+    return Dataset(name=name, domain_names=dict(domain_names), items=items, sequences=sequence_table(examples, items),
+                   provenance={"origin": origin})
