@@ -51,7 +51,7 @@ def text_encoder_path(name: str) -> str:
 class TextEncoder:
     """encode(texts) -> [n, dim] float32, deterministic, on the CPU unless a GPU is present."""
 
-    def __init__(self, name: str, batch_size: int = 256):
+    def __init__(self, name: str, batch_size: int = 256, max_seq_length: int | None = None):
         # torch and sentence-transformers load here, not at import: the tags stage and the notebooks import this
         # module without encoding anything
         import torch
@@ -63,6 +63,8 @@ class TextEncoder:
         self.model = SentenceTransformer(text_encoder_path(name), device="cuda" if torch.cuda.is_available() else "cpu")
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = dim_of()
+        if max_seq_length is not None:  # fewer tokens per text (a quick run); the model's own limit otherwise
+            self.model.max_seq_length = min(max_seq_length, self.model.max_seq_length)
         self.max_seq_length = self.model.max_seq_length
 
     def __call__(self, texts: list[str], desc: str | None = None) -> np.ndarray:
@@ -112,9 +114,10 @@ def encode_memoized(encoder: Callable[..., np.ndarray], texts: list[str], memo_d
 
 def load_text_encoder(params: dict[str, Any], batch_size: int | None = None) -> Callable[[list[str]], np.ndarray]:
     """The text encoder named by params (features.text_encoder, features.batch_size)."""
+    section = params.get("features") or {}
     if batch_size is None:
-        batch_size = int((params.get("features") or {}).get("batch_size") or 256)
-    return TextEncoder(config.get(params, "features.text_encoder", str), batch_size)
+        batch_size = int(section.get("batch_size") or 256)
+    return TextEncoder(config.get(params, "features.text_encoder", str), batch_size, section.get("max_seq_length"))
 
 
 def read_image(source: str, root: Path, timeout_s: float = 10.0):

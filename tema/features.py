@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from tema import artifacts, config, data, schema
-from tema.encoders import TextEncoder, encode_images, encode_memoized, sha256_lines
+from tema.encoders import TextEncoder, encode_images, encode_memoized, load_text_encoder, sha256_lines
 
 
 def text_rows(dataset: data.Dataset, params: dict[str, Any]) -> np.ndarray:
@@ -92,7 +92,7 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
     meta_path = out / "meta.json"
     meta_path.unlink(missing_ok=True)  # the directory counts as complete only once meta.json is back
     name = config.get(params, "features.text_encoder", str)
-    encoder = encoder or TextEncoder(name, config.get(params, "features.batch_size", int))
+    encoder = encoder or load_text_encoder(params)
     meta: dict[str, Any] = {"dataset": dataset_name, "items": len(items), "item_order": "item_id 0..n-1",
                             "item_ids_sha256": sha256_lines(items["source_id"])}
 

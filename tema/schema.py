@@ -168,6 +168,7 @@ SOURCE: Section = {
 FEATURES: Section = {
     "text_encoder": Key(text), "batch_size": Key(integer(1)), "image_encoder": Key(optional(text), required=False),
     "text_items": Key(choice("all", "used"), required=False),
+    "max_seq_length": Key(optional(integer(8)), required=False),
 }
 
 # Model hyper-parameters by name, for every model that has them; a parameter not listed here must have the type of
