@@ -18,7 +18,6 @@ from tema import artifacts, config, data, schema
 from tema.artifacts import load_candidates
 from tema.models import registry
 from tema.protocols import METRICS, PROTOCOLS, evaluate_split
-from tema.train import model_params
 from tema.training import TrainConfig, load_run, model_class
 
 
@@ -31,7 +30,7 @@ def evaluate_all(dataset_name: str, params: dict[str, Any], models: list[str]) -
     frames = []
     for model in models:
         for seed in cfg.seeds:
-            recommender = load_run(dataset, model, model_params(params, model), cfg, artifacts.run_dir(dataset_name, model, seed))
+            recommender = load_run(dataset, model, registry.hyper(params, model), cfg, artifacts.run_dir(dataset_name, model, seed))
             for split, (examples, candidates) in splits.items():
                 per_user = evaluate_split(recommender.score, examples, space_ranges, candidates, cfg.eval_batch_size, PROTOCOLS)
                 frames.append(per_user.assign(model=model, seed=seed, split=split))
@@ -165,7 +164,7 @@ def explain_users(dataset_name: str, params: dict[str, Any], model: str | None, 
         return None
     cfg = TrainConfig.from_params(params)
     dataset = data.load(dataset_name, artifacts.prepared_dir(dataset_name))
-    recommender = load_run(dataset, model, model_params(params, model), cfg, artifacts.run_dir(dataset_name, model, cfg.seeds[0]))
+    recommender = load_run(dataset, model, registry.hyper(params, model), cfg, artifacts.run_dir(dataset_name, model, cfg.seeds[0]))
     bank = artifacts.load_features(dataset_name)
     names = list(bank["tags"]["tag"]) if "tags" in bank else []
     tag_ids = bank.get("item_tag_ids")
