@@ -35,3 +35,18 @@ def test_tables_follow_the_results_they_show():
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["Model one", "m2"]
     png = fig._repr_png_()  # a notebook shows the figure from this, whatever backend is active
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == views.figure_png(fig)  # and renders it the same twice
+
+
+def test_the_report_renders_saved_explanations_without_a_model():
+    from tema import report
+
+    item = lambda i, tags, domain="A": {"item": i, "domain": domain, "title": f"item {i}", "tags": tags}  # noqa: E731
+    history = [{**item(1, ["tea", "green"]), "self_attention": 0.75, "tag_attention": 0.5, "cross_attention": None},
+               {**item(7, ["mug"], "B"), "self_attention": 0.25, "tag_attention": 0.5, "cross_attention": None}]
+    saved = {"model": "tema", "seed": 1, "top": 2, "users": [
+        {"user": "u1", "target_domain": "B", "target": item(9, ["mug"], "B"), "history": history,
+         "recommended": [item(9, ["mug", "steel"], "B"), item(8, ["pan"], "B")]}]}
+    page = report.explanations_section(saved)
+    assert "<h3>Explanations (TEMA, seed 1)</h3>" in page and "top 2 items" in page
+    assert "<b>mug</b>, steel" in page and "item 9 (the target)" in page and "item 8</td>" in page
+    assert page.count("0.75") == 1 and report.explanations_section(None) == ""
