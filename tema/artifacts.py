@@ -104,8 +104,15 @@ def load_candidates(prepared: Path, split: str, examples: pd.DataFrame) -> np.nd
 TAG_FILES = ("item_tags.tsv", "vocabulary.tsv", "pass1_tags.tsv", "failures.tsv", "provenance.json", "accounting.json")
 
 
+def tag_source_kind(tag_dir: Path) -> str | None:
+    """Where a tags stage's tags came from (provenance.json's source: llm, external, none), None without one."""
+    path = tag_dir / "provenance.json"
+    return json.loads(path.read_text()).get("source") if path.is_file() else None
+
+
 def has_tags(tag_dir: Path) -> bool:
-    return (tag_dir / "vocabulary.tsv").is_file() and (tag_dir / "item_tags.tsv").is_file()
+    """Whether the tags stage wrote tags there: its files, from a source other than none."""
+    return (tag_dir / "vocabulary.tsv").is_file() and (tag_dir / "item_tags.tsv").is_file() and tag_source_kind(tag_dir) != "none"
 
 
 def load_item_tags(tag_dir: Path) -> pd.DataFrame:

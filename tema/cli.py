@@ -10,6 +10,7 @@ import yaml
 
 from tema import config, data, schema
 from tema.llm import LLMError
+from tema.profiles import apply_profile, profile_params  # noqa: F401  (profile_params: the tests' and benchmarks' entry)
 from tema.tagging import CacheBusyError
 
 # Mistakes in params.yaml or the raw data, an LLM endpoint that cannot be used, an answer cache in use by another run:
@@ -19,41 +20,6 @@ USER_ERRORS = (config.ParamsError, data.DataError, LLMError, CacheBusyError)
 
 def parse_value(text: str):
     return yaml.safe_load(text)
-
-
-def profile_params(name: str) -> dict:
-    """The parameters of a profile: the embedded defaults (profiles/default.yaml) overlaid with profiles/<name>.yaml.
-
-    Mappings merge key by key; any other value of the profile replaces the default's. `evaluations` and `pages` are
-    filled in (config.evaluations, config.pages: one table per dataset and one page unless the profile names them).
-    """
-    root = config.repo_root()
-    base = config.load_params(root / "profiles" / "default.yaml")
-    if name != "default":
-        path = root / "profiles" / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
-            raise config.ParamsError(f"unknown profile {name!r}: profiles/{name}.yaml not found; profiles: {known}")
-        base = config.deep_merge(base, config.load_params(path))
-    # the evaluate and report stages iterate over `evaluations` and `pages` (dvc.yaml): params.yaml always lists them
-    derived = {"evaluations": config.evaluations(base), "pages": config.pages(base)}
-    out = {}
-    for key, value in base.items():
-        if key not in derived:
-            out[key] = value
-        if key == "models":
-            out.update(derived)
-    return out
-
-
-def apply_profile(name: str) -> Path:
-    """Write params.yaml for a profile (see profile_params), once it passes the schema (tema.schema)."""
-    base = profile_params(name)
-    schema.validate(base)
-    header = f"# Written by `tema profile {name}` from profiles/. Edit profiles/*.yaml, not this file.\n"
-    out = config.repo_root() / "params.yaml"
-    out.write_text(header + yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
-    return out
 
 
 def stop_on_signals() -> None:
@@ -80,6 +46,32 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def dataset_command(args: argparse.Namespace) -> int:
+    from tema import datasets, profiles
+
+    if args.dataset_command == "list":
+        for name in datasets.known():
+            described = datasets.spec(name)
+            domains = " x ".join(d.name for d in described.domains.values())
+            print(f"{name:<20} {described.format:<14} {domains}")
+        return 0
+    from tema.datasets.add import add
+
+    dataset = add(args.name, args.folder, datasets.raw_root(), args.origin, args.replace)
+    splits = dataset.sequences.groupby("split").size().to_dict()
+    per_domain = dataset.items.groupby("domain").size().to_dict()
+    print(f"added data/raw/{args.name}/: {dataset.n_items:,} items ({', '.join(f'{d} {n:,}' for d, n in per_domain.items())}), "
+          f"examples {', '.join(f'{s} {splits.get(s, 0):,}' for s in ('train', 'valid', 'test'))}")
+    report = dataset.provenance.get("import", {})
+    dropped = report.get("users_dropped") or report.get("users_without_examples")
+    if dropped:
+        print(f"  {dropped:,} users left out (fewer interactions than the split rule needs)")
+    print(f"\nTo run it, write profiles/{args.name}.yaml (`extends: smoke` instead for a minutes-long check):\n")
+    print("  " + profiles.suggestion(args.name).rstrip("\n").replace("\n", "\n  "))
+    print(f"\nthen: tema profile {args.name} && dvc repro")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +107,15 @@ def run_command(argv: list[str]) -> int:
     gen.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each domain")
     gen.add_argument("--all", action="store_true", help="then the LLM refinement and pass 2 too, writing data/tags/<dataset>/ "
                      "as the stage does (its answers cached as well; `dvc repro` then re-runs the stage from the cache)")
+    ds = sub.add_parser("dataset", help="datasets of one's own: `tema dataset add <name> <folder>` (README, 'Your own data')")
+    ds_sub = ds.add_subparsers(dest="dataset_command", required=True)
+    add = ds_sub.add_parser("add", help="vendor a folder (dataset.yaml + CSV/TSV files) into data/raw/<name>/, checked, "
+                            "with checksums and provenance; prints the profile that runs it")
+    add.add_argument("name", help="the dataset's name: letters, digits, '-' and '_'")
+    add.add_argument("folder", type=Path, help="a folder with dataset.yaml and the files it names (docs/datasets.md)")
+    add.add_argument("--origin", default=None, help="where the data came from (a URL, a citation), recorded in dataset.yaml")
+    add.add_argument("--replace", action="store_true", help="replace an existing data/raw/<name>/ (only by data that reads)")
+    ds_sub.add_parser("list", help="the datasets under data/raw/ with their format and domains")
     tune = sub.add_parser("tune", help="hyper-parameter search on validation, the same budget for every model (tema.tune)")
     tune.add_argument("dataset")
     tune.add_argument("--models", nargs="+", default=None, help="default: the models of params.yaml")
@@ -133,6 +134,8 @@ def run_command(argv: list[str]) -> int:
             return 1
     elif args.command == "profile":
         print(f"wrote {apply_profile(args.name)}")
+    elif args.command == "dataset":
+        return dataset_command(args)
     elif args.command == "tune":
         from tema.tune import run as tune_run
 

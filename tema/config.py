@@ -99,15 +99,52 @@ def evaluations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, spec in tables.items():
         check_name("evaluations", name)
         if not isinstance(spec, dict) or not isinstance(spec.get("dataset"), str) or not isinstance(spec.get("models"), list) \
-                or not spec["models"] or set(spec) - {"dataset", "models"}:
-            raise ParamsError(f"params.yaml: 'evaluations.{name}' must be a mapping with 'dataset' (a name) and 'models' "
-                              f"(a non-empty list), got {spec!r}")
+                or not spec["models"] or set(spec) - {"dataset", "models", "reference"}:
+            raise ParamsError(f"params.yaml: 'evaluations.{name}' must be a mapping with 'dataset' (a name), 'models' "
+                              f"(a non-empty list) and optionally 'reference' (one of its models), got {spec!r}")
+        if spec.get("reference") is not None and spec["reference"] not in spec["models"]:
+            raise ParamsError(f"params.yaml: 'evaluations.{name}.reference' is {spec['reference']!r}, which is not among its "
+                              f"models {spec['models']}")
         if spec["dataset"] not in datasets:
             raise ParamsError(f"params.yaml: 'evaluations.{name}.dataset' is {spec['dataset']!r}, which is not among 'datasets' {datasets}")
         untrained = [m for m in spec["models"] if m not in models]
         if untrained:
             raise ParamsError(f"params.yaml: 'evaluations.{name}.models' has {untrained}, which are not among 'models' (the models trained) {models}")
     return tables
+
+
+def reference(params: dict[str, Any], table: str) -> str | None:
+    """The model a table's paired tests compare with every other: the table's own `reference`, else
+    `evaluate.reference` (which must then be among the table's models), else TEMA where the table has it, else none."""
+    spec = evaluations(params)[table]
+    if spec.get("reference") is not None:
+        return spec["reference"]
+    chosen = (params.get("evaluate") or {}).get("reference")
+    if chosen is not None:
+        if chosen not in spec["models"]:
+            raise ParamsError(f"params.yaml: evaluate.reference: expected one of the models of table {table!r} {spec['models']}, "
+                              f"or null (TEMA where a table has it; a table may name its own, evaluations.{table}.reference), "
+                              f"got {chosen!r}")
+        return chosen
+    return "tema" if "tema" in spec["models"] else None
+
+
+def runs(params: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The training runs: '<dataset>-<model>' -> {'dataset', 'model'} for each model some table of the dataset compares
+    (the train stage, dvc.yaml), in the order of `datasets`, then of first appearance in the tables."""
+    tables = evaluations(params)
+    out: dict[str, dict[str, str]] = {}
+    for dataset in get(params, "datasets", list):
+        for spec in tables.values():
+            if spec["dataset"] != dataset:
+                continue
+            for model in spec["models"]:
+                key = f"{dataset}-{model}"
+                if key in out and out[key] != {"dataset": dataset, "model": model}:
+                    raise ParamsError(f"params.yaml: the runs of {out[key]} and {{'dataset': {dataset!r}, 'model': {model!r}}} "
+                                      f"would share the stage name train@{key}; rename the dataset")
+                out[key] = {"dataset": dataset, "model": model}
+    return out
 
 
 def pages(params: dict[str, Any]) -> dict[str, list[str]]:

@@ -68,7 +68,7 @@ def significance(per_user: pd.DataFrame, reference: str, split: str = "test", me
 
     rows = per_user[per_user["split"] == split]
     if reference not in set(rows["model"]):
-        raise config.ParamsError(f"params.yaml: 'evaluate.reference' is {reference!r}, which is not among the evaluated models")
+        raise config.ParamsError(f"params.yaml: the reference model {reference!r} is not among the evaluated models")
     by_user = rows.groupby(["protocol", "domain", "model", "user"], sort=False)[list(metrics)].mean()
     out = []
     for (protocol, domain), block in by_user.groupby(level=["protocol", "domain"], sort=False):
@@ -141,17 +141,16 @@ def run(table: str, params: dict[str, Any]) -> pd.DataFrame:
     report_dir.mkdir(parents=True, exist_ok=True)
     summary.to_csv(report_dir / "results.csv", index=False, float_format="%.6f")
     (report_dir / "metrics.json").write_text(json.dumps(metrics_json(summary), indent=2) + "\n")
-    reference = config.get(params, "evaluate.reference", (str, type(None)))
+    reference = config.reference(params, table)
     sig = significance(per_user, reference) if reference else pd.DataFrame()
     sig.to_csv(report_dir / "significance.csv", index=False, float_format="%.6g")
-    artifacts.write_json(eval_dir / "explanations.json", explain_users(spec["dataset"], params, explained_model(params, spec["models"])))
+    artifacts.write_json(eval_dir / "explanations.json", explain_users(spec["dataset"], params, explained_model(reference, spec["models"])))
     return summary
 
 
-def explained_model(params: dict[str, Any], models: list[str]) -> str | None:
-    """The model whose recommendations the report explains: `evaluate.reference` if it is in the table and can
+def explained_model(reference: str | None, models: list[str]) -> str | None:
+    """The model whose recommendations the report explains: the table's reference (config.reference) if it can
     explain itself (has an `explain` method), else the table's first model that can; None if none can."""
-    reference = config.get(params, "evaluate.reference", (str, type(None)))
     able = [m for m in models if hasattr(model_class(m), "explain")]
     return reference if reference in able else next(iter(able), None)
 

@@ -98,16 +98,25 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
 
     texts = item_texts(items)
     started = time.perf_counter()
+    has_text = np.array([bool(t.strip()) for t in texts])
     rows = text_rows(dataset, params)
-    vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)
-    vectors[rows] = encode_memoized(encoder, [texts[i] for i in rows], artifacts.text_memo_dir(), desc=f"{dataset_name} item text")
-    artifacts.write_npy(out / "text.npy", vectors)
-    meta["text"] = {"encoder": name, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length,
-                    "input_sha256": sha256_lines(texts)}
-    if len(rows) < len(items):
-        meta["text"]["items"] = {"encoded": len(rows), "zero": len(items) - len(rows),
-                                 "rule": "features.text_items: used (only the items of some example; the others get zeros)"}
-    print(f"{dataset_name}: {len(rows):,} item texts in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    rows = rows[has_text[rows]]  # an item without title and text gets a zero vector, not the encoding of ''
+    (out / "text.npy").unlink(missing_ok=True)
+    if has_text.any():
+        vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)
+        vectors[rows] = encode_memoized(encoder, [texts[i] for i in rows], artifacts.text_memo_dir(), desc=f"{dataset_name} item text")
+        artifacts.write_npy(out / "text.npy", vectors)
+        meta["text"] = {"encoder": name, "dim": encoder.dim, "max_seq_length": encoder.max_seq_length,
+                        "input_sha256": sha256_lines(texts)}
+        if not has_text.all():
+            meta["text"]["items_without_text"] = int((~has_text).sum())
+        if len(rows) < int(has_text.sum()):
+            meta["text"]["items"] = {"encoded": len(rows), "zero": len(items) - len(rows),
+                                     "rule": "features.text_items: used (only the items of some example; the others get zeros)"}
+        print(f"{dataset_name}: {len(rows):,} item texts in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    else:
+        meta["text"] = {"available": False, "reason": f"the items of {dataset_name} have no title or text (its dataset.yaml "
+                        "names no title or text column)"}
 
     tag_dir = artifacts.tags_dir(params, dataset_name)
     for stale in ("tags.tsv", "tag_vectors.npy", "item_tag_ids.npy", "item_tag_ranks.npy"):
@@ -131,8 +140,10 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
         }
         print(f"{dataset_name}: {len(tags):,} tags in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     else:
-        meta["tags"] = {"available": False, "reason": f"no tags for {dataset_name} (data/tags/{dataset_name}/ is missing; "
-                        "the dataset is not in tag_datasets yet)"}
+        kind = artifacts.tag_source_kind(tag_dir)
+        why = (f"its tag source is none (tags.sources.{dataset_name}.kind: none)" if kind == "none"
+               else f"{tag_dir.relative_to(root)}/ is missing: the dataset's tags stage has not run")
+        meta["tags"] = {"available": False, "reason": f"no tags for {dataset_name}: {why}"}
 
     image_encoder = config.get(params, "features.image_encoder", (str, type(None)))
     visual, mask, failures, meta["visual"] = encode_images(items, image_encoder, root)

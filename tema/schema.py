@@ -162,7 +162,7 @@ PASS2: Section = {
     "shortlist": Key(integer(1), required=False),
 }
 SOURCE: Section = {
-    "kind": Key(choice("llm", "external")), "file": Key(text, required=False), "model": Key(text, required=False),
+    "kind": Key(choice("llm", "external", "none")), "file": Key(text, required=False), "model": Key(text, required=False),
     "pass2": Key(PASS2, required=False),
 }
 FEATURES: Section = {
@@ -252,7 +252,10 @@ def _structure(params: dict[str, Any]) -> Section:
         "models": Key(list_of(text)),
         "evaluations": Key(lambda v: None, required=False),  # checked by config.evaluations
         "pages": Key(lambda v: None, required=False),  # checked by config.pages
-        "tag_datasets": Key(optional(list_of(text)), required=False),
+        # derived by `tema profile` (tema.profiles), checked against what they derive from below
+        "readers": Key(lambda v: None if isinstance(v, dict) else "a mapping of dataset to its reader's file", required=False),
+        "tag_datasets": Key(lambda v: None if isinstance(v, dict) else "a mapping of dataset to its reader's file", required=False),
+        "runs": Key(lambda v: None if isinstance(v, dict) else "a mapping of run name to its dataset and model", required=False),
         "prepare": Key(PREPARE),
         "train": Key(TRAIN),
         "evaluate": Key(EVALUATE),
@@ -281,15 +284,14 @@ def validate(params: dict[str, Any]) -> None:
 def _cross_checks(params: dict[str, Any]) -> list[str]:
     errors: list[str] = []
     known = datasets.known()
+    how = "add one with `tema dataset add <name> <folder>` (README, 'Your own data')"
     for name in params["datasets"]:
-        if name not in datasets.READERS:
-            errors.append(f"datasets: unknown dataset {name!r}; expected one of {known}")
-    for name in [*(params.get("tag_datasets") or []), *params["tags"]["sources"]]:
-        if name not in datasets.READERS:
-            errors.append(f"tag_datasets / tags.sources: unknown dataset {name!r}; expected one of {known}")
-    for name in params.get("tag_datasets") or []:
-        if name not in params["tags"]["sources"]:
-            errors.append(f"tag_datasets: {name!r} has no tag source; expected an entry tags.sources.{name}")
+        if name not in known:
+            errors.append(f"datasets: unknown dataset {name!r}; expected one of {known} (the folders of data/raw/ with a "
+                          f"dataset.yaml), or {how}")
+    for name in params["tags"]["sources"]:
+        if name not in known:
+            errors.append(f"tags.sources.{name}: unknown dataset {name!r}; expected one of {known}, or {how}")
     for name, source in params["tags"]["sources"].items():
         where = f"tags.sources.{name}"
         if source["kind"] == "external":
@@ -299,21 +301,75 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
         k = params["llm"].get("k", Settings.k)
         if shortlist is not None and shortlist < k:
             errors.append(f"{where}.pass2.shortlist: expected an integer >= llm.k ({k}), got {shortlist}")
+    if errors:
+        return errors
+    errors += _derived_checks(params)
     tags = params["tags"]
     if tags["limit_items"] is not None and config.tags_out_dir(params) == config.DEFAULT_TAGS_DIR:
         errors.append(f"tags.out_dir: a limited run (tags.limit_items: {tags['limit_items']}) must not write to {config.DEFAULT_TAGS_DIR}, "
                       "where the full-data tags are; expected another folder (the smoke profile uses data/tags-smoke)")
-    models = params["models"]
-    reference = params["evaluate"].get("reference")
-    if reference is not None and reference not in models:
-        errors.append(f"evaluate.reference: expected one of the trained models {models} or null, got {reference!r}")
     errors += _model_checks(params)
     for derive in (config.evaluations, config.pages):
         try:
             derive(params)
         except config.ParamsError as err:
             errors.append(str(err).removeprefix("params.yaml: "))
+    if not errors:
+        for table in config.evaluations(params):
+            try:
+                config.reference(params, table)
+            except config.ParamsError as err:
+                errors.append(str(err).removeprefix("params.yaml: "))
+        errors += _input_checks(params)
     return errors
+
+
+def _derived_checks(params: dict[str, Any]) -> list[str]:
+    """The keys `tema profile` derives (tema.profiles) must match what they derive from: a hand edit of `datasets` (or
+    `dvc exp run -S datasets=...`) without them would run stages of other datasets than the ones named."""
+    names = params["datasets"]
+    sources = params["tags"]["sources"]
+    expected = {"readers": {n: datasets.reader_path(n) for n in names},
+                "tag_datasets": {n: datasets.reader_path(n) for n in dict.fromkeys([*names, *sources])}}
+    errors = []
+    for key, value in expected.items():
+        if key in params and params[key] != value:
+            errors.append(f"{key}: expected {value} (derived from datasets and tags.sources by `tema profile`), got "
+                          f"{_show(params[key])}; write params.yaml with `tema profile <name>`")
+    missing = [n for n in names if n not in sources]
+    if "tag_datasets" in params and missing:
+        errors.append(f"tags.sources: missing {missing}; every dataset of `datasets` has a tag source ({{kind: none}} for none)")
+    return errors
+
+
+def _input_checks(params: dict[str, Any]) -> list[str]:
+    """Each run's model reads only what its dataset has: item text where dataset.yaml names a title or text column, tags
+    where the dataset has a tag source. Said here, when the profile is written, not after hours of training."""
+    registry = _registry()
+    errors = []
+    runs = params.get("runs") or config.runs(params)
+    for run in runs.values():
+        dataset, model = run["dataset"], run["model"]
+        if model not in registry.MODELS:
+            continue
+        reads = registry.inputs(model, registry.hyper(params, model))
+        if "text" in reads and not datasets.spec(dataset).has_text:
+            errors.append(f"runs: {model} reads item text, but {dataset} has none (its dataset.yaml names no title or text "
+                          f"column); leave {model} out of {dataset}'s tables{_without(registry, model, 'text')}")
+        kind = params["tags"]["sources"].get(dataset, {"kind": "none"})["kind"]
+        if "tags" in reads and kind == "none":
+            errors.append(f"runs: {model} reads tags, but {dataset} has no tag source (tags.sources.{dataset}.kind: none); "
+                          f"give it one (docs/datasets.md) or leave {model} out of {dataset}'s tables{_without(registry, model, 'tags')}")
+    return errors
+
+
+def _without(registry, model: str, feature: str) -> str:
+    """', or compare tema-no-tags' where an ablation of the model reads everything but the feature."""
+    base = registry.info(model).base or model
+    for name in registry.ablations_of(base):
+        if feature not in registry.inputs(name, {}):
+            return f", or compare {name}"
+    return ""
 
 
 def _registry():

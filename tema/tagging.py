@@ -38,27 +38,26 @@ from tema.llm import LLMError
 
 PROMPT_VERSION = "pass1-v2"
 
-# What matters in each domain, so the LLM tags along the axes a shopper would browse by.
-DOMAIN_GUIDES = {
-    "Grocery & Gourmet Food": "product type, flavour, key ingredients, diet (organic, vegan, gluten-free, sugar-free), cuisine, form and use",
-    "Home & Kitchen": "product type, function, material, room or activity it serves, style",
-    "Arts, Crafts & Sewing": "product type, craft or technique, material, tool, what it is used to make",
-    "Office Products": "product type, function, material, where it is used (office, school, home), compatibility",
-}
+# The tagging prompt of a domain names what its tags should describe and shows one worked example. A dataset's
+# dataset.yaml gives both for each of its domains (domains.<A|B>.guide and .example); these are the defaults.
 DEFAULT_GUIDE = "product type, function, material, style and use"
+DEFAULT_EXAMPLE = ("Lodge 10.25 Inch Cast Iron Skillet, Pre-Seasoned", ("skillet", "cast iron", "cookware", "frying pan", "stovetop cooking"))
 
-# One worked example per domain: shows the answer format and the kind of tags wanted.
-ONE_SHOT = {
-    "Grocery & Gourmet Food": ("Twinings of London Earl Grey Black Tea Bags, 20 Count (Pack of 6)",
-                               ["black tea", "earl grey", "tea bags", "bergamot flavor", "hot beverage"]),
-    "Home & Kitchen": ("Lodge 10.25 Inch Cast Iron Skillet, Pre-Seasoned",
-                       ["skillet", "cast iron", "cookware", "frying pan", "stovetop cooking"]),
-    "Arts, Crafts & Sewing": ("prismacolor premier colored pencils soft core 24 pack",
-                              ["colored pencils", "drawing", "art supplies", "coloring", "soft core"]),
-    "Office Products": ("swingline stapler 747 classic desk stapler 20 sheet capacity black",
-                        ["stapler", "desk accessories", "office supplies", "paper fastening", "metal"]),
-}
-DEFAULT_ONE_SHOT = ("Lodge 10.25 Inch Cast Iron Skillet, Pre-Seasoned", ["skillet", "cast iron", "cookware", "frying pan", "stovetop cooking"])
+
+@dataclass(frozen=True)
+class DomainPrompt:
+    """What the pass-1 prompt says about a domain: its display name, what good tags name, and a worked example."""
+
+    name: str
+    guide: str = DEFAULT_GUIDE
+    example_title: str = DEFAULT_EXAMPLE[0]
+    example_tags: tuple[str, ...] = DEFAULT_EXAMPLE[1]
+
+
+def as_prompt(domain: str | DomainPrompt) -> DomainPrompt:
+    """A domain's prompt; a bare display name gets the default guide and example."""
+    return domain if isinstance(domain, DomainPrompt) else DomainPrompt(domain)
+
 
 SYSTEM = (
     "You label products with short descriptive tags for a recommender system. "
@@ -72,9 +71,9 @@ MAX_STORED_CHARS = 2000  # of an answer's text kept in its cache record (the tag
 MAX_DETAIL_CHARS = 300  # of a failure's detail, in its cache record and its messages
 
 
-def instruction(domain_name: str, k: int) -> str:
-    guide = DOMAIN_GUIDES.get(domain_name, DEFAULT_GUIDE)
-    return (f"Domain: {domain_name}. Good tags name the {guide}. "
+def instruction(domain: str | DomainPrompt, k: int) -> str:
+    prompt = as_prompt(domain)
+    return (f"Domain: {prompt.name}. Good tags name the {prompt.guide}. "
             f"Give {k} tags for the product, most relevant first, each 1 to 3 lowercase words.")
 
 
@@ -87,20 +86,20 @@ def product_block(title: str, text: str, max_text_chars: int = 300) -> str:
     return f"<product>\n{body}\n</product>"
 
 
-def build_messages(domain_name: str, title: str, text: str, k: int) -> list[dict[str, str]]:
+def build_messages(domain: str | DomainPrompt, title: str, text: str, k: int) -> list[dict[str, str]]:
     """System, one-shot example, then the item: everything before the item is shared by the domain."""
-    shot_title, shot_tags = ONE_SHOT.get(domain_name, DEFAULT_ONE_SHOT)
+    prompt = as_prompt(domain)
     return [
         {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": instruction(domain_name, k) + "\n" + product_block(shot_title, "")},
-        {"role": "assistant", "content": json.dumps(shot_tags[:k])},
-        {"role": "user", "content": instruction(domain_name, k) + "\n" + product_block(title, text)},
+        {"role": "user", "content": instruction(prompt, k) + "\n" + product_block(prompt.example_title, "")},
+        {"role": "assistant", "content": json.dumps(list(prompt.example_tags)[:k])},
+        {"role": "user", "content": instruction(prompt, k) + "\n" + product_block(title, text)},
     ]
 
 
-def prompt_hash(domain_name: str, k: int) -> str:
+def prompt_hash(domain: str | DomainPrompt, k: int) -> str:
     """Hash of the domain's prompt with a placeholder item: changes exactly when its prompt changes."""
-    messages = build_messages(domain_name, "\x00TITLE\x00", "\x00TEXT\x00", k)
+    messages = build_messages(domain, "\x00TITLE\x00", "\x00TEXT\x00", k)
     return hashlib.sha256(json.dumps([PROMPT_VERSION, messages]).encode()).hexdigest()[:16]
 
 
@@ -181,8 +180,8 @@ class Settings:
                 "frequency_penalty": self.frequency_penalty, "seed": self.seed, "json_mode": self.json_mode}
 
 
-def cache_key(model: str, model_sha256: str | None, domain_name: str, title: str, text: str, settings: Settings) -> str:
-    blob = json.dumps([model, model_sha256, prompt_hash(domain_name, settings.k), settings.cache_part(),
+def cache_key(model: str, model_sha256: str | None, domain: str | DomainPrompt, title: str, text: str, settings: Settings) -> str:
+    blob = json.dumps([model, model_sha256, prompt_hash(domain, settings.k), settings.cache_part(),
                        text_hash(title, text)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -602,12 +601,17 @@ class Item:
     domain_name: str
     title: str
     text: str
+    prompt: DomainPrompt | None = None  # the domain's pass-1 prompt (its dataset.yaml); None: the default guide and example
+
+    @property
+    def domain_prompt(self) -> DomainPrompt:
+        return self.prompt or DomainPrompt(self.domain_name)
 
 
 def pass1_request(item: Item, model: str, model_sha256: str | None, settings: Settings) -> Request:
     """Pass 1: open tagging with the domain's prompt."""
-    return Request(cache_key(model, model_sha256, item.domain_name, item.title, item.text, settings),
-                   build_messages(item.domain_name, item.title, item.text, settings.k), pass1_schema(settings.k))
+    return Request(cache_key(model, model_sha256, item.domain_prompt, item.title, item.text, settings),
+                   build_messages(item.domain_prompt, item.title, item.text, settings.k), pass1_schema(settings.k))
 
 
 def cached_answers(items: Iterable[Item], make: Callable[[Item], Request], cache: TagCache, acct: Accounting

@@ -43,6 +43,7 @@ from tema.encoders import load_text_encoder
 from tema.tagging import (
     PROMPT_VERSION,
     AnswerError,
+    DomainPrompt,
     Item,
     Request,
     RequestRun,
@@ -107,9 +108,23 @@ def settings_from_params(params: dict[str, Any]) -> Settings:
     return Settings(**{k: v for k, v in section.items() if k in known})
 
 
-def items_to_tag(dataset: data.Dataset, limit: int | None) -> list[Item]:
+def domain_prompts(described: datasets.Spec) -> dict[str, DomainPrompt]:
+    """Each domain's pass-1 prompt from the dataset's dataset.yaml (domains.<A|B>: name, guide, example)."""
+    out = {}
+    for key, domain in described.domains.items():
+        prompt = DomainPrompt(domain.name) if domain.guide is None else DomainPrompt(domain.name, domain.guide)
+        if domain.example_title is not None:
+            prompt = DomainPrompt(prompt.name, prompt.guide, domain.example_title, tuple(domain.example_tags or ()))
+        out[key] = prompt
+    return out
+
+
+def items_to_tag(dataset: data.Dataset, limit: int | None, prompts: dict[str, DomainPrompt] | None = None) -> list[Item]:
+    """The items a run tags (the first `limit` of each domain, or all), each with its domain's prompt."""
     rows = dataset.items if limit is None else dataset.items.groupby("domain", group_keys=False).head(limit)
-    return [Item(int(r.item_id), dataset.domain_names[r.domain], r.title, r.text) for r in rows.itertuples(index=False)]
+    prompts = prompts or {}
+    return [Item(int(r.item_id), dataset.domain_names[r.domain], r.title, r.text, prompts.get(r.domain))
+            for r in rows.itertuples(index=False)]
 
 
 def read_external(path: Path, n_items: int) -> tuple[dict[int, list[str]], dict[int, str]]:
@@ -598,9 +613,9 @@ def llm_pass2(items: list[Item], domain_of: dict[int, str], vocab: pd.DataFrame,
 # ---------------------------------------------------------------- the stage
 
 
-def prompt_provenance(dataset: data.Dataset, settings: Settings) -> dict[str, str]:
+def prompt_provenance(prompts: dict[str, DomainPrompt], settings: Settings) -> dict[str, str]:
     """The prompt version and, per domain, the hash that keys its cached answers."""
-    return {"version": PROMPT_VERSION, **{name: prompt_hash(name, settings.k) for name in dataset.domain_names.values()}}
+    return {"version": PROMPT_VERSION, **{p.name: prompt_hash(p, settings.k) for p in prompts.values()}}
 
 
 def text_encoder(params: dict[str, Any]):
@@ -618,7 +633,7 @@ def cache_accounting(cache: TagCache, items: list[Item], model: str, model_sha25
     totals: dict[str, Any] = {"items": len(items), "answered": 0, "failed": 0, "requests": 0, "tokens_in": 0,
                               "tokens_out": 0, "request_seconds": 0.0, "failure_reasons": {}}
     for item in items:
-        record = cache.entries.get(cache_key(model, model_sha256, item.domain_name, item.title, item.text, settings))
+        record = cache.entries.get(cache_key(model, model_sha256, item.domain_prompt, item.title, item.text, settings))
         if record is None:
             continue
         if record["status"] == "ok":
@@ -675,6 +690,17 @@ def _write_files(out: Path, dataset: data.Dataset, pass1, failures, vocab, item_
     (out / "accounting.json").write_text(json.dumps(accounting, indent=2, sort_keys=True) + "\n")
 
 
+def write_no_tags(out: Path, dataset: data.Dataset, dataset_name: str) -> dict[str, Any]:
+    """A dataset without a tag source (kind: none): the stage's files, empty, with a provenance that says so; the
+    features stage then records that the dataset has no tags, and models that read tags refuse it (tema.schema)."""
+    provenance = {"source": "none", "reason": f"no tag source: tags.sources.{dataset_name}.kind is none"}
+    accounting = {"items": dataset.n_items, "tagged": 0, "failed": 0}
+    vocab = pd.DataFrame({"domain": pd.Series(dtype=str), "tag": pd.Series(dtype=str), "count": pd.Series(dtype=int),
+                          "shared": pd.Series(dtype=bool)})
+    write_outputs(out, dataset, {}, {}, vocab, {}, provenance, accounting)
+    return {"provenance": provenance, "accounting": accounting}
+
+
 def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None) -> dict[str, Any]:
     """Pass 1 only: fill the answer cache (the long, resumable part; `tema tags generate`).
 
@@ -685,21 +711,22 @@ def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None
         raise config.ParamsError(f"--limit: expected an integer >= 1 (items per domain), got {limit}")
     settings = settings_from_params(params)
     dataset = datasets.read_raw(dataset_name)
+    prompts = domain_prompts(datasets.spec(dataset_name))
     with TagCache(answer_caches(dataset_name) / "pass1.jsonl") as cache, \
             llm.LazyEndpoint(params, settings.timeout_s) as ep:
-        _, failures, acct = tag_items(items_to_tag(dataset, limit), ep.client, ep.model, ep.model_sha256, settings, cache)
+        _, failures, acct = tag_items(items_to_tag(dataset, limit, prompts), ep.client, ep.model, ep.model_sha256, settings, cache)
     return {**asdict(acct), "failures": len(failures)}
 
 
 def tag_source(params: dict[str, Any], dataset_name: str) -> dict[str, Any]:
-    """`tags.sources.<dataset>`, checked: kind 'llm' or 'external', and an external source's file present."""
+    """`tags.sources.<dataset>`, checked: kind 'llm', 'external' or 'none', and an external source's file present."""
     sources = params["tags"]["sources"]
     if dataset_name not in sources:
         raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}: missing; expected the tag source of {dataset_name}")
     source = sources[dataset_name]
     kind = source.get("kind")
-    if kind not in ("llm", "external"):
-        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}.kind must be 'llm' or 'external', got {kind!r}")
+    if kind not in ("llm", "external", "none"):
+        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}.kind must be 'llm', 'external' or 'none', got {kind!r}")
     if kind == "external" and not (config.repo_root() / source["file"]).is_file():
         raise data.DataError(f"{source['file']}: not found (tags.sources.{dataset_name}.file); expected the external tag file")
     return source
@@ -735,7 +762,7 @@ def llm_pass1(dataset_name: str, dataset: data.Dataset, items: list[Item], ep: l
           f"{acct.requests} requests in {acct.wall_seconds:.0f} s", file=sys.stderr)
     provenance = {"source": "llm", "endpoint_model": ep.model, "model_sha256": ep.model_sha256,
                   "endpoint": "embedded" if ep.model_sha256 else "OPENAI_BASE_URL",
-                  "prompts": prompt_provenance(dataset, settings), "settings": settings.cache_part()}
+                  "prompts": prompt_provenance(domain_prompts(datasets.spec(dataset_name)), settings), "settings": settings.cache_part()}
     return Pass1(tags, failures, provenance, cache_accounting(cache, items, ep.model, ep.model_sha256, settings))
 
 
@@ -762,11 +789,13 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
     refine, limit, min_coverage = params["tags"]["refine"], params["tags"]["limit_items"], params["tags"]["min_coverage"]
     out = artifacts.tags_dir(params, dataset_name)
     dataset = datasets.read_raw(dataset_name)
+    if source["kind"] == "none":
+        return write_no_tags(out, dataset, dataset_name)
     domain_of = dict(zip(dataset.items["item_id"].tolist(), dataset.items["domain"].tolist()))
     settings = settings_from_params(params)
     pass2 = pass2_settings(source, dataset_name, settings.k)
     encode = text_encoder(params)
-    items = items_to_tag(dataset, limit)
+    items = items_to_tag(dataset, limit, domain_prompts(datasets.spec(dataset_name)))
     caches = answer_caches(dataset_name)
     with contextlib.ExitStack() as stack:
         # the endpoint starts on first use only; an external source with pass 2 by mapping never makes one

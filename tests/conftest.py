@@ -16,15 +16,30 @@ def root() -> Path:
     return ROOT
 
 
-def write_raw(raw_root: Path, dataset: str, files: dict[str, bytes], checksums: dict[str, bytes] | None = None) -> None:
-    """A vendored-style raw dataset: gzip files plus a SHA256SUMS of their decompressed bytes."""
-    (raw_root / dataset).mkdir(parents=True, exist_ok=True)
+def write_raw(raw_root: Path, dataset: str, files: dict[str, bytes], checksums: dict[str, bytes] | None = None,
+              spec: str | None = None) -> None:
+    """A vendored-style raw dataset: gzip files, a SHA256SUMS of their decompressed bytes (`checksums` overrides the
+    content a sum is taken of) and a dataset.yaml (`spec`; by default the shipped one of the benchmark of that name)."""
+    folder = raw_root / dataset
+    folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for name, content in files.items():
-        (raw_root / dataset / f"{name}.gz").write_bytes(gzip.compress(content, mtime=0))
+        (folder / f"{name}.gz").write_bytes(gzip.compress(content, mtime=0))
         digest = hashlib.sha256((checksums or {}).get(name, content)).hexdigest()
-        lines.append(f"{digest}  {dataset}/{name}")
-    (raw_root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+        lines.append(f"{digest}  {name}")
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    text = spec if spec is not None else (ROOT / "data" / "raw" / dataset / "dataset.yaml").read_text()
+    (folder / "dataset.yaml").write_text(text)
+
+
+def describe_datasets(repo: Path) -> None:
+    """The shipped benchmarks' dataset.yaml in a test repository, where it has no raw folder of its own: the parameter
+    schema knows the datasets of data/raw/ (tema.datasets.known), and the profiles name both benchmarks."""
+    for spec in (ROOT / "data" / "raw").glob("*/dataset.yaml"):
+        target = repo / "data" / "raw" / spec.parent.name / "dataset.yaml"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(spec, target)
 
 
 def food_kitchen_files(**override: bytes) -> dict[str, bytes]:

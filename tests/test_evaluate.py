@@ -32,7 +32,7 @@ def test_wilcoxon_separates_a_consistent_gain_from_ties_and_noise():
 
 
 def test_unknown_reference_names_the_parameter():
-    with pytest.raises(config.ParamsError, match="'evaluate.reference' is 'tema'"):
+    with pytest.raises(config.ParamsError, match="the reference model 'tema' is not among the evaluated models"):
         significance(per_user(), "tema")
 
 

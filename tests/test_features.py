@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import food_kitchen_files, write_raw
+from conftest import describe_datasets, food_kitchen_files, write_raw
 
 from tema import artifacts, config, data, datasets, encoders, features
 
@@ -29,6 +29,7 @@ def repo(tmp_path, monkeypatch, root):
     shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(root / "profiles" / "default.yaml", tmp_path / "params.yaml")
     write_raw(tmp_path / "data" / "raw", "food-kitchen", food_kitchen_files())
+    describe_datasets(tmp_path)
     ds = datasets.read_raw("food-kitchen", tmp_path / "data" / "raw")
     data.save(ds, tmp_path / "data" / "prepared" / "food-kitchen")
     tags_dir = tmp_path / "data" / "tags" / "food-kitchen"
@@ -93,7 +94,7 @@ def test_a_tag_outside_the_vocabulary_names_the_file_and_item_and_loses_nothing(
 def test_without_tags_the_stage_says_so(repo, encoder):
     shutil.rmtree(repo / "data" / "tags")
     meta = features.run("food-kitchen", config.load_params(), encoder)
-    assert not meta["tags"]["available"] and "not in tag_datasets" in meta["tags"]["reason"]
+    assert not meta["tags"]["available"] and "tags stage has not run" in meta["tags"]["reason"]
     assert set(artifacts.load_features("food-kitchen")) == {"meta", "identity", "text", "visual_mask"}
 
 

@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, art_office_files, food_kitchen_files, write_raw
+from conftest import ROOT, art_office_files, describe_datasets, food_kitchen_files, write_raw
 
 from tema import config, prepare
 
@@ -32,6 +32,7 @@ def repo(tmp_path, monkeypatch) -> Path:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "params.yaml").write_text("{}\n")
     write_raw(tmp_path / "data" / "raw", "food-kitchen", food_kitchen_files())
+    describe_datasets(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import yaml
+from conftest import describe_datasets
 
 from tema import cli, config, schema
 
@@ -76,7 +77,7 @@ CASES = [
     ("tags.min_coverage", 1.5, "tags.min_coverage: expected a number >= 0 and <= 1, got 1.5"),
     ("tags.sources.food-kitchen.pass2.mode", "all", "tags.sources.food-kitchen.pass2.mode: expected one of ['map', 'fill', 'retag']"),
     ("tags.sources.art-office.file", KeyError, "tags.sources.art-office.file: missing; an external source names its tag file"),
-    ("evaluate.reference", "gru5rec", "evaluate.reference: expected one of the trained models"),
+    ("evaluate.reference", "gru5rec", "evaluate.reference: expected one of the models of table"),
     ("evaluate.n_candidates", "many", "evaluate.n_candidates: expected an integer >= 1, got 'many'"),
     ("datasets", ["food-kitchen", "mine"], "datasets: unknown dataset 'mine'; expected one of ['art-office', 'food-kitchen']"),
     ("models", ["sasrec", "sasrec"], "models: expected a non-empty list without repeats of non-empty strings"),
@@ -123,6 +124,7 @@ def repo_with_profile(tmp_path, root, profile: dict):
         shutil.copy(root / name, tmp_path / name)
     shutil.copytree(root / "profiles", tmp_path / "profiles")
     (tmp_path / "profiles" / "mine.yaml").write_text(yaml.safe_dump(profile))
+    describe_datasets(tmp_path)
     return tmp_path / "params.yaml"
 
 

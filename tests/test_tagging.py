@@ -117,7 +117,9 @@ def test_cache_hits_and_exact_invalidation(tmp_path, monkeypatch):
         changed[4] = Item(4, FOOD, "a different title for item four", "")
         run(stub.base_url, changed, TagCache(path))
         assert len(stub.requests) == 13  # only the changed item
-        monkeypatch.setitem(tagging.DOMAIN_GUIDES, FOOD, "taste only")
+        # the Food prompt changes (its dataset.yaml's guide): only the Food items are asked again
+        changed = [Item(i.item_id, i.domain_name, i.title, i.text, tagging.DomainPrompt(FOOD, "taste only")) if i.domain_name == FOOD
+                   else i for i in changed]
         run(stub.base_url, changed, TagCache(path))
         assert len(stub.requests) == 13 + 6  # the Food prompt changed: exactly the six Food items
         run(stub.base_url, changed, TagCache(path), model="another-model")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_worktree, food_kitchen_files, write_raw
+from conftest import copy_worktree, describe_datasets, food_kitchen_files, write_raw
 from stub_llm import StubLLM
 from test_tagging import closed_port_url
 from test_tags_stage import bag_encoder
@@ -33,6 +33,7 @@ def tiny_repo(tmp_path, monkeypatch, root):
     params["tags"]["sources"]["food-kitchen"]["pass2"] = {"mode": "map"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_raw(tmp_path / "data" / "raw", "food-kitchen", food_kitchen_files())
+    describe_datasets(tmp_path)
     out = tmp_path / "data" / "tags" / "food-kitchen"
     out.mkdir(parents=True)
     for name in artifacts.TAG_FILES:

@@ -21,7 +21,7 @@ import yaml
 from conftest import copy_worktree
 from stub_llm import StubLLM
 
-from tema import config, llm, tags
+from tema import config, llm, profiles, tags
 from tema.tagging import Item, Settings, TagCache, tag_items
 
 CANARY = "sk-canary-7f3a9b1e5d"
@@ -270,13 +270,11 @@ def test_tags_stage_through_an_endpoint_never_leaks_the_key(tmp_path, root):
     repo = tmp_path / "repo"
     copy_worktree(root, repo, skip=("reports/", "data/tags", "data/runs"))
     params = yaml.safe_load((repo / "profiles" / "default.yaml").read_text())
-    params["tag_datasets"] = ["food-kitchen"]
     params["tags"]["limit_items"] = 6
     params["tags"]["out_dir"] = "data/tags-limited"  # a limited run never writes over data/tags
     params["tags"]["refine"].update(min_count=1, llm_chunk=10)
     params["tags"]["sources"]["food-kitchen"]["pass2"] = {"mode": "fill", "min_tags": 5, "shortlist": 6}
-    params["evaluations"] = config.evaluations(params)  # what `tema profile` adds: dvc.yaml iterates over these
-    params["pages"] = config.pages(params)
+    params = profiles.derive(params)  # what `tema profile` adds: the keys dvc.yaml iterates over
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TEMA_PROGRESS": "0",
            "OPENAI_API_KEY": CANARY, "TEMA_CACHE_DIR": str(tmp_path / "cache")}

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import describe_datasets
 
 from tema import config, data
 from tema.models import ItemSpace, build
@@ -150,6 +151,7 @@ def study_root(tmp_path, monkeypatch, root, **train) -> dict:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "params.yaml").write_text("{}\n")
     data.save(synthetic(), tmp_path / "data" / "prepared" / "synthetic")
+    describe_datasets(tmp_path)
     monkeypatch.chdir(tmp_path)
     return params
 

@@ -4,22 +4,17 @@
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import pandas as pd
 
 from tema.data import DataError, Dataset
-from tema.datasets.raw import canonical, check_item, check_item_table, csv_records, decoded_lines, parse_int, vendored_file
-from tema.datasets.registry import register
-
-DOMAIN_NAMES = {"A": "Arts, Crafts & Sewing", "B": "Office Products"}
+from tema.datasets.raw import RawFiles, canonical, check_item, check_item_table, csv_records, decoded_lines, parse_int
+from tema.datasets.spec import Spec
 
 
-@register("art-office", DOMAIN_NAMES)
-def read_art_office(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
-    name = "art-office"
-
-    raw = vendored_file(raw_dir, checksums, name)
+def read(spec: Spec, raw: RawFiles) -> Dataset:
+    """The upstream files of data/raw/art-office/ (dataset.yaml: format art-office) in the canonical form."""
+    raw_dir = spec.raw_dir
 
     rows, origins = [], []
     for fname, domain in [("item_listA_F.csv", "A"), ("item_listO_AA_F.csv", "B")]:
@@ -90,4 +85,4 @@ def read_art_office(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
             previous.append(lineno)
             last_user = user
             examples.append((f"{stem}:{user}#{len(previous)}", split, seq[:-1], seq[-1]))
-    return canonical(name, DOMAIN_NAMES, items, examples, "github.com/TingJShen/URLLM DG_Final/AO @ e31a04e8c29e1c99e1bb012982040991a995f08a")
+    return canonical(spec, items, examples)

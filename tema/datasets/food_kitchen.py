@@ -4,22 +4,16 @@ one 'user<TAB>item,item,...' line per example in train_A, train_B, train_overlap
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import pandas as pd
 
 from tema.data import DataError, Dataset
-from tema.datasets.raw import canonical, check_item, check_item_table, decoded_lines, parse_int, vendored_file
-from tema.datasets.registry import register
-
-DOMAIN_NAMES = {"A": "Grocery & Gourmet Food", "B": "Home & Kitchen"}
+from tema.datasets.raw import RawFiles, canonical, check_item, check_item_table, decoded_lines, parse_int
+from tema.datasets.spec import Spec
 
 
-@register("food-kitchen", DOMAIN_NAMES)
-def read_food_kitchen(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
-    name = "food-kitchen"
-
-    raw = vendored_file(raw_dir, checksums, name)
+def read(spec: Spec, raw: RawFiles) -> Dataset:
+    """The upstream files of data/raw/food-kitchen/ (dataset.yaml: format food-kitchen) in the canonical form."""
 
     data, shown = raw("num.txt")
     counts = [parse_int(t, f"{shown}:{n}", "an item count") for n, t in decoded_lines(data, shown)]
@@ -82,4 +76,4 @@ def read_food_kitchen(raw_dir: Path, checksums: dict[str, str]) -> Dataset:
                 what = "a target with no history" if split != "train" else "a sequence of one item (nothing to predict)"
                 raise DataError(f"{where}: {what} for user {user}; expected at least 2 items")
             examples.append((f"{stem}:{user}", split, seq[:-1], seq[-1]))
-    return canonical(name, DOMAIN_NAMES, items, examples, "github.com/xhran2010/LLMCDSR data/food-kitchen @ 857de8d516909c16e96e3b4630f18d5a093faadd")
+    return canonical(spec, items, examples)

@@ -7,16 +7,19 @@ import csv
 import gzip
 import hashlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from tema.data import DataError, Dataset
+from tema.datasets.spec import CHECKSUMS_FILE, Spec, read_checksums
 
 
-def read_raw_bytes(path: Path, checksums: dict[str, str], key: str) -> bytes:
-    """The decompressed bytes of a vendored file, verified against its upstream sha256."""
+def read_raw_bytes(path: Path, checksums: dict[str, str], key: str) -> tuple[bytes, Path]:
+    """The decompressed bytes of a vendored file (`path` or `path`.gz), verified against its listed sha256, and the
+    path of the file read."""
     gz = path.with_name(path.name + ".gz")
     if gz.is_file():
         try:
@@ -29,33 +32,28 @@ def read_raw_bytes(path: Path, checksums: dict[str, str], key: str) -> bytes:
     else:
         raise DataError(f"{path}(.gz): file not found")
     if key not in checksums:
-        raise DataError(f"{shown}: no sha256 listed for '{key}' in SHA256SUMS")
+        raise DataError(f"{shown}: no sha256 listed for '{key}' in {path.parent / CHECKSUMS_FILE}")
     digest = hashlib.sha256(data).hexdigest()
     if digest != checksums[key]:
-        raise DataError(f"{shown}: checksum mismatch, expected sha256 {checksums[key]}, got {digest}")
-    return data
+        raise DataError(f"{shown}: checksum mismatch, expected sha256 {checksums[key]} ({path.parent / CHECKSUMS_FILE}), got {digest}")
+    return data, shown
 
 
-def vendored_file(raw_dir: Path, checksums: dict[str, str], dataset: str) -> Callable[[str], tuple[bytes, str]]:
-    """read(file name) -> (its verified decompressed bytes, the path errors name) for one dataset's vendored files."""
+class RawFiles:
+    """One dataset's vendored files: files(name) -> (its verified, decompressed bytes, the path errors name).
 
-    def read(fname: str) -> tuple[bytes, str]:
-        return read_raw_bytes(raw_dir / fname, checksums, f"{dataset}/{fname}"), f"{raw_dir / fname}.gz"
+    `name` is the file's name in the dataset folder without '.gz' (the folder may hold it gzipped); its sha256 is
+    the one the folder's SHA256SUMS lists for that name.
+    """
 
-    return read
+    def __init__(self, raw_dir: Path):
+        self.raw_dir = raw_dir
+        self.checksums = read_checksums(raw_dir)
 
-
-def read_checksums(raw_root: Path) -> dict[str, str]:
-    path = raw_root / "SHA256SUMS"
-    sums = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise DataError(f"{path}:{lineno}: expected '<sha256>  <file>', got {line!r}")
-        sums[parts[1]] = parts[0]
-    return sums
+    def __call__(self, fname: str) -> tuple[bytes, str]:
+        fname = fname.removesuffix(".gz")
+        data, shown = read_raw_bytes(self.raw_dir / fname, self.checksums, fname)
+        return data, str(shown)
 
 
 def decoded_lines(data: bytes, shown: str) -> Iterator[tuple[int, str]]:
@@ -86,14 +84,14 @@ def check_item(item: int, where: str, n_items: int, domain_range: tuple[int, int
         )
 
 
-def csv_records(text: str, shown: str) -> Iterator[tuple[int, list[str]]]:
+def csv_records(text: str, shown: str, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
     """(line where the record starts, fields) for each CSV record; a quoting error names its record's line.
 
     A quoted field may span lines; csv.reader's line_num is the line where a record ends, so the record
     starts on the line after the previous one ended. Strict: a stray character after a closing quote or a
     quote left open at the end of the file is an error, not a silently merged field.
     """
-    reader = csv.reader(io.StringIO(text), strict=True)
+    reader = csv.reader(io.StringIO(text), strict=True, delimiter=delimiter)
     ended = 0
     while True:
         try:
@@ -142,9 +140,10 @@ def sequence_table(examples: list[tuple[str, str, list[int], int]], items: pd.Da
     return table
 
 
-def canonical(name: str, domain_names: dict[str, str], items: pd.DataFrame, examples: list[tuple[str, str, list[int], int]],
-              origin: str) -> Dataset:
+def canonical(spec: Spec, items: pd.DataFrame, examples: list[tuple[str, str, list[int], int]],
+              provenance: dict[str, Any] | None = None) -> Dataset:
     """The Dataset a reader returns: its checked item table, its (user, split, history, target) examples, and
-    where the raw files came from."""
-    return Dataset(name=name, domain_names=dict(domain_names), items=items, sequences=sequence_table(examples, items),
-                   provenance={"origin": origin})
+    what the reader records of the import (where the files came from: dataset.yaml's `source`)."""
+    origin = spec.body.get("source", {}).get("origin", "") if isinstance(spec.body.get("source"), dict) else ""
+    return Dataset(name=spec.name, domain_names=spec.domain_names, items=items, sequences=sequence_table(examples, items),
+                   provenance={"origin": origin, **(provenance or {})})

@@ -148,6 +148,17 @@ def inherited_params(params: dict[str, Any], name: str) -> dict[str, Any]:
     return {k: v for k, v in hyper(params, model.base).items() if k not in model.fixed}
 
 
+def inputs(name: str, hyper: dict[str, Any]) -> set[str]:
+    """Which of the features stage's inputs ('text', 'tags', 'visual') model `name` reads with these hyper-parameters:
+    the class's `feature_inputs(settings)` over its constructor defaults, the ablation's fixed switches and `hyper`."""
+    model = info(name)
+    describe = getattr(model.cls, "feature_inputs", None)
+    if describe is None:
+        return set()
+    defaults = {k: p.default for k, p in inspect.signature(model.cls.__init__).parameters.items() if p.default is not p.empty}
+    return set(describe({**defaults, **hyper, **model.fixed}))
+
+
 def build(name: str, space, hyper: dict[str, Any], max_len: int):
     """Instantiate model `name`; unknown names and unknown hyper-parameters are errors naming the param."""
     cls = info(name).cls

@@ -114,7 +114,8 @@ class ItemRepresentation(nn.Module):
             self.ids.weight[0].zero_()
         self.use_text = text and "text" in bank
         if text and "text" not in bank:
-            raise ValueError("the features hold no text vectors (text.npy); run the features stage")
+            reason = (bank.get("meta") or {}).get("text", {}).get("reason", "text.npy is missing; run the features stage")
+            raise ValueError(f"this model reads item text, but the features hold no text vectors: {reason}")
         if self.use_text:
             text_vectors = _padded(bank["text"], torch.float32)
             self._check_rows(text_vectors, n_items, "text.npy")
@@ -129,7 +130,11 @@ class ItemRepresentation(nn.Module):
             self.register_buffer("visual_mask", _padded(bank["visual_mask"], torch.float32), persistent=False)
             self.p_vis = nn.Linear(vis.size(1), dim, bias=False)
         # Tags: item_tag_ids [n_items, K] (-1 = none) -> model tag index (0 = none); ranks 1 = first.
-        self.tag_mode = tags if "item_tag_ids" in bank and len(bank.get("tag_vectors", ())) else "none"
+        if tags != "none" and not ("item_tag_ids" in bank and len(bank.get("tag_vectors", ()))):
+            reason = (bank.get("meta") or {}).get("tags", {}).get("reason", "the features hold no tag arrays")
+            raise ValueError(f"this model reads tags (tags: {tags}), but the dataset has none: {reason}; train the ablation "
+                             "tema-no-tags instead, or give the dataset a tag source")
+        self.tag_mode = tags
         if self.tag_mode != "none":
             ids = _padded(np.asarray(bank["item_tag_ids"]).astype(np.int64) + 1, torch.long)
             self._check_rows(ids, n_items, "item_tag_ids.npy")
@@ -287,6 +292,11 @@ class Stream(nn.Module):
 
 class TEMAModel(ReadsFeatures, SequenceRecommender):
     """The model; registered as "tema" and, with one switch fixed, as each ablation (see ABLATIONS)."""
+
+    @staticmethod
+    def feature_inputs(settings: dict[str, Any]) -> set[str]:
+        """What it reads with these switches (tema.models.registry.inputs); visual only where a dataset has images."""
+        return {name for name, on in [("text", settings["text"]), ("tags", settings["tags"] != "none"), ("visual", settings["visual"])] if on}
 
     def __init__(
         self, space: ItemSpace, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 2, dropout: float = 0.2,
@@ -447,6 +457,10 @@ for _name, (_display, _fixed) in ABLATIONS.items():
 @register("sasrec-text", display="SASRec-text", group="baseline")
 class SASRecText(ReadsFeatures, SequenceRecommender):
     """SASRec over item ID + frozen text vectors (no tags, no domain streams): what text alone adds."""
+
+    @staticmethod
+    def feature_inputs(settings: dict[str, Any]) -> set[str]:
+        return {"text"}
 
     def __init__(
         self, space: ItemSpace, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 2, dropout: float = 0.2,
