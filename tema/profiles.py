@@ -1,8 +1,10 @@
 """Parameter profiles: profiles/<name>.yaml over profiles/default.yaml, written out as params.yaml by `tema profile`.
 
 A profile holds what differs from the one it `extends` (by default the embedded defaults, profiles/default.yaml):
-mappings merge key by key, any other value replaces the base's. `extends: smoke` lays a profile over the smoke
-profile, so the smoke settings apply to any dataset:
+mappings merge key by key, any other value replaces the base's. Two exceptions: a profile's `evaluations` and
+`pages` replace the base's whole, and a profile that sets `datasets` or `models` inherits no tables or pages (they
+were the base's choice for other datasets or models). `extends: smoke` lays a profile over the smoke profile, so the
+smoke settings apply to any dataset:
 
     # profiles/my-data-smoke.yaml
     extends: smoke
@@ -30,6 +32,7 @@ import yaml
 from tema import config, datasets, schema
 
 DERIVED = ("evaluations", "pages", "readers", "tag_datasets", "runs")
+TABLE_KEYS = {"evaluations", "pages"}
 
 
 def profile_dir() -> Path:
@@ -67,6 +70,10 @@ def profile_params(name: str) -> dict[str, Any]:
     """The parameters of a profile (its layers merged), with the derived keys filled in (see the module's doc)."""
     merged: dict[str, Any] = {}
     for _, body in layers(name):
+        if {"datasets", "models"} & set(body):  # the tables and pages of other datasets or models: not inherited
+            merged = {k: v for k, v in merged.items() if k not in TABLE_KEYS}
+        for key in TABLE_KEYS & set(body):  # a profile's tables and pages are its own, not merged with the base's
+            merged.pop(key, None)
         merged = config.deep_merge(merged, body)
     return derive(merged)
 

@@ -386,9 +386,12 @@ def _model_checks(params: dict[str, Any]) -> list[str]:
     registered = sorted(registry.MODELS)
     section = params["model_params"]
     needed: dict[str, list[str]] = {}  # entry -> the listed models that read it (an ablation reads its base's)
-    for name in params["models"]:
+    compared = params["models"] + [m for t in (params.get("evaluations") or {}).values() if isinstance(t, dict)
+                                   for m in (t.get("models") or []) if isinstance(m, str)]
+    for name in dict.fromkeys(compared):  # the models of `models` and of every table: those that train (runs)
         if name not in registry.MODELS:
-            errors.append(f"models: unknown model {name!r}; expected one of {registered}")
+            where = "models" if name in params["models"] else "evaluations"
+            errors.append(f"{where}: unknown model {name!r}; expected one of {registered}")
         else:
             needed.setdefault(registry.info(name).base or name, []).append(name)
     for name, readers in needed.items():

@@ -83,7 +83,7 @@ def test_evaluation_tables_default_to_one_per_dataset_and_profiles_can_name_more
 
 @pytest.mark.parametrize("spec, message", [
     ({"dataset": "d3", "models": ["tema"]}, "'evaluations.t.dataset' is 'd3', which is not among 'datasets'"),
-    ({"dataset": "d1", "models": ["tema", "c2dsr"]}, "'evaluations.t.models' has ['c2dsr'], which are not among 'models'"),
+    ({"dataset": "d1", "models": ["tema", "c2dsr"], "reference": "sasrec"}, "'evaluations.t.reference' is 'sasrec', which is not among its models"),
     ({"dataset": "d1", "models": []}, "'evaluations.t' must be a mapping with 'dataset'"),
     ({"dataset": "d1", "model": ["tema"]}, "'evaluations.t' must be a mapping with 'dataset'"),
     (["d1"], "'evaluations.t' must be a mapping with 'dataset'"),

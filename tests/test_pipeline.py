@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,39 @@ def test_tune_command_writes_a_profile_fragment_the_profiles_accept(smoke_repo):
     assert params["model_params"]["sasrec-text"] == fragment["model_params"]["sasrec-text"]
     sh("tema", "profile", "smoke", cwd=smoke_repo)
     (smoke_repo / "profiles/tuned.yaml").unlink()
+
+
+@pytest.mark.slow
+def test_a_new_dataset_runs_end_to_end_and_leaves_the_other_datasets_alone(smoke_repo):
+    """README 'Your own data': the example folder, `tema dataset add`, a profile, `dvc repro` and nothing else. The
+    existing datasets' stages stay up to date and their runs keep their fingerprints; only the result pages, which
+    read every table's outputs (data/prepared, data/eval, ...), render again."""
+    import yaml
+
+    runs = {str(p.relative_to(smoke_repo)): json.loads(p.read_text())["fingerprint"] for p in smoke_repo.glob("data/runs/*/*/seed*/run.json")}
+    assert runs
+    sh("tema", "dataset", "add", "kitchen-sample", "examples/kitchen-sample", "--origin", "examples/kitchen-sample", cwd=smoke_repo)
+    smoke = yaml.safe_load((smoke_repo / "params.yaml").read_text())
+    models = ["popularity", "gru4rec", "sasrec", "sasrec-text", "c2dsr", "tema-no-tags"]
+    profile = {"extends": "smoke", "datasets": [*smoke["datasets"], "kitchen-sample"],
+               "evaluations": {**smoke["evaluations"], "kitchen-sample": {"dataset": "kitchen-sample", "models": models,
+                                                                          "reference": "tema-no-tags"}},
+               "pages": {**smoke["pages"], "kitchen-sample": ["kitchen-sample"]}}
+    (smoke_repo / "profiles" / "with-sample.yaml").write_text(yaml.safe_dump(profile))
+    sh("tema", "profile", "with-sample", cwd=smoke_repo)
+    new = {"prepare@kitchen-sample", "tags@kitchen-sample", "features@kitchen-sample", "evaluate@kitchen-sample",
+           "report@kitchen-sample", *(f"train@kitchen-sample-{m}" for m in models)}
+    assert set(json.loads(sh("dvc", "status", "--json", cwd=smoke_repo).strip().splitlines()[-1])) == new
+    out = sh("dvc", "repro", "report@kitchen-sample", cwd=smoke_repo)
+    assert set(re.findall(r"Running stage '([^']+)'", out)) == new
+    metrics = json.loads((smoke_repo / "reports/kitchen-sample/metrics.json").read_text())
+    assert sorted(metrics) == sorted(models)
+    assert all(0 <= v <= 1 for m in metrics.values() for p in m.values() for d in p.values() for v in d.values())
+    assert (smoke_repo / "reports/kitchen-sample.html").stat().st_size > 10_000
+    tags_report = (smoke_repo / "reports/kitchen-sample/tags.html").read_text()
+    assert "no tag source: tags.sources.kitchen-sample.kind is none" in tags_report
+    after = {str(p.relative_to(smoke_repo)): json.loads(p.read_text())["fingerprint"] for p in smoke_repo.glob("data/runs/*/*/seed*/run.json")}
+    assert {k: v for k, v in after.items() if "/kitchen-sample/" not in k} == runs
+    stale = set(json.loads(sh("dvc", "status", "--json", cwd=smoke_repo).strip().splitlines()[-1]))
+    assert stale <= {"report@index", "report@ablations"}, stale
+    sh("tema", "profile", "smoke", cwd=smoke_repo)

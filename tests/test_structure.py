@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tema import imports
+from tema import datasets, imports
+from tema.datasets.registry import FORMATS, reader_file
 from tema.models import MODELS
+from tema.profiles import profile_params
 from tema.training import code_fingerprint
 
 
@@ -107,6 +109,30 @@ def test_a_stage_depends_on_every_tema_file_its_notebook_runs(root, name):
     assert not stale, f"dvc.yaml: stage {name}: deps {stale} do not exist"
 
 
+READERS = sorted(f"{m.replace('.', '/')}.py" for m in FORMATS.values())
+
+
+def test_a_dataset_stage_depends_on_its_own_reader_and_raw_folder_and_no_other(root):
+    """A reader is imported for its dataset only (tema.datasets.registry), so no notebook's imports reach one: the
+    stages that read raw data name theirs through params (`readers`, `tag_datasets`: dataset -> reader file)."""
+    for notebook in sorted((root / "notebooks").glob("*.ipynb")):
+        reached = set(imports.may_execute([str(notebook.relative_to(root))], root))
+        assert not reached & set(READERS), f"{notebook.name} imports a dataset reader: {sorted(reached & set(READERS))}"
+    for name, stage in stages(root).items():
+        deps = [str(d) for d in stage.get("do", stage)["deps"]]
+        assert "tema/datasets" not in deps and not set(deps) & set(READERS), f"{name}: depends on every reader, or on one by name"
+        if name in ("prepare", "tags"):
+            assert stage["foreach"] in ("${readers}", "${tag_datasets}") and "${item}" in deps and "data/raw/${key}" in deps, name
+        else:
+            assert not any(d.startswith("data/raw") for d in deps), name
+    for profile in ("default", "smoke", "full", "art-office"):
+        params = profile_params(profile)
+        for key in ("readers", "tag_datasets"):
+            for dataset, reader in params[key].items():
+                assert reader == reader_file(datasets.spec(dataset).format) and reader in READERS, (profile, key, dataset)
+        assert list(params["readers"]) == params["datasets"]
+
+
 @pytest.fixture(scope="module")
 def fingerprints(tmp_path_factory, root):
     """Each registered model's code fingerprint in a copy of the package with one file edited (None: no edit)."""
@@ -151,7 +177,8 @@ def test_an_edit_to_one_model_leaves_the_others(fingerprints):
 
 
 def test_edits_outside_the_training_code_change_no_fingerprint(fingerprints):
-    for path in ("tema/datasets/food_kitchen.py", "tema/models/__init__.py", "tema/train.py", "tema/schema.py"):
+    for path in ("tema/datasets/food_kitchen.py", "tema/datasets/art_office.py", "tema/datasets/generic.py",
+                 "tema/models/__init__.py", "tema/train.py", "tema/schema.py"):
         assert changed(fingerprints, path) == set(), path
 
 
