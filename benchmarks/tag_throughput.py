@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from tema import config, datasets, llm  # noqa: E402
 from tema.tagging import TagCache, tag_items  # noqa: E402
-from tema.tags import items_to_tag, settings_from_params  # noqa: E402
+from tema.tags import domain_prompts, items_to_tag, settings_from_params  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     params = config.load_params(ROOT / "profiles" / "default.yaml")
     settings = settings_from_params(params)
     dataset = datasets.read_raw(args.dataset, ROOT / "data" / "raw")
-    items = items_to_tag(dataset, args.items // 2)
+    items = items_to_tag(dataset, args.items // 2, domain_prompts(datasets.spec(args.dataset, ROOT / "data" / "raw")))
     results = {}
     with tempfile.TemporaryDirectory() as tmp, llm.LazyEndpoint(params, settings.timeout_s) as ep:
         ep.client()  # start the server before timing
