@@ -91,6 +91,10 @@ def run_command(argv: list[str]) -> int:
         from tema.llm import main as llm_main
 
         return llm_main(argv[1:])
+    if argv[:1] == ["recommend"]:
+        from tema.recommend import main as recommend_main
+
+        return recommend_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tema", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run-notebook", help="execute a notebook with papermill into an ipynb + HTML report")
@@ -100,6 +104,8 @@ def run_command(argv: list[str]) -> int:
     prof = sub.add_parser("profile", help="write params.yaml for a profile (default, smoke, ...)")
     prof.add_argument("name")
     sub.add_parser("llm", help="the embedded OpenAI-compatible LLM server: `tema llm serve --help`")
+    sub.add_parser("recommend", help="a trained run's top-k items for one user, with the tags shared with the history: "
+                   "`tema recommend <dataset> <model> <user>`")
     tags = sub.add_parser("tags", help="LLM tag generation outside DVC (long, resumable runs)")
     tags_sub = tags.add_subparsers(dest="tags_command", required=True)
     gen = tags_sub.add_parser("generate", help="fill the pass-1 answer cache of a dataset (resumable; Ctrl-C safe)")
