@@ -8,7 +8,7 @@ import html
 import pandas as pd
 
 from tema.data import DataError, Dataset
-from tema.datasets.raw import RawFiles, canonical, check_item, check_item_table, csv_records, decoded_lines, parse_int
+from tema.datasets.raw import RawFiles, canonical, check_item, check_item_table, csv_records, decoded_lines, decoded_text, parse_int
 from tema.datasets.spec import Spec
 
 
@@ -19,12 +19,7 @@ def read(spec: Spec, raw: RawFiles) -> Dataset:
     rows, origins = [], []
     for fname, domain in [("item_listA_F.csv", "A"), ("item_listO_AA_F.csv", "B")]:
         data, shown = raw(fname)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            lineno = data[: err.start].count(b"\n") + 1
-            raise DataError(f"{shown}:{lineno}: expected UTF-8 text, undecodable bytes") from err
-        records = csv_records(text, shown)
+        records = csv_records(decoded_text(data, shown), shown)
         header = next(records, (1, []))[1]
         if header != ["idBefore", "item_title", "idAfter", "item_attribute"]:
             raise DataError(f"{shown}:1: expected header 'idBefore,item_title,idAfter,item_attribute', got {header!r}")

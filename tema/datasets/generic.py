@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from tema.data import DOMAINS, DataError, Dataset
-from tema.datasets.raw import RawFiles, canonical, csv_records
+from tema.datasets.raw import RawFiles, canonical, csv_records, decoded_text
 from tema.datasets.spec import Spec
 
 RULES = ("leave-one-out", "time", "given")
@@ -79,11 +79,7 @@ def records(raw: RawFiles, fname: str, columns: dict[str, str | None]) -> Iterat
     """('<file>:<line>', {role: value}) per data row of a CSV/TSV file; `columns` maps a role to its column name
     (None: the dataset has no such column). The header must hold every named column; every row as many fields."""
     data, shown = raw(fname)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        lineno = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{shown}:{lineno}: expected UTF-8 text, undecodable bytes") from None
+    text = decoded_text(data, shown, "utf-8-sig")  # a byte-order mark, as spreadsheet exports write, is dropped
     plain = fname.removesuffix(".gz")
     if plain.endswith(".tsv"):
         rows: Iterator[tuple[int, list[str]]] = tsv_records(text)

@@ -56,6 +56,15 @@ class RawFiles:
         return data, str(shown)
 
 
+def decoded_text(data: bytes, shown: str, encoding: str = "utf-8") -> str:
+    """The whole file as text; undecodable bytes name their line."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        lineno = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{shown}:{lineno}: expected UTF-8 text, undecodable bytes") from None
+
+
 def decoded_lines(data: bytes, shown: str) -> Iterator[tuple[int, str]]:
     """(line number, text) for each non-empty line; undecodable bytes name their line."""
     for lineno, raw in enumerate(data.split(b"\n"), 1):
