@@ -103,6 +103,7 @@ def run_command(argv: list[str]) -> int:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     prof = sub.add_parser("profile", help="write params.yaml for a profile (default, smoke, ...)")
     prof.add_argument("name")
+    prof.add_argument("--reset", action="store_true", help="drop the edits of params.yaml: write the profile alone")
     sub.add_parser("llm", help="the embedded OpenAI-compatible LLM server: `tema llm serve --help`")
     sub.add_parser("recommend", help="a trained run's top-k items for one user, with the tags shared with the history: "
                    "`tema recommend <dataset> <model> <user>`")
@@ -139,7 +140,8 @@ def run_command(argv: list[str]) -> int:
                 print(f"tema: error: {line}", file=sys.stderr)
             return 1
     elif args.command == "profile":
-        print(f"wrote {apply_profile(args.name)}")
+        for line in apply_profile(args.name, reset=args.reset).lines():
+            print(line)
     elif args.command == "dataset":
         return dataset_command(args)
     elif args.command == "tune":

@@ -19,20 +19,32 @@ smoke settings apply to any dataset:
 - `tag_datasets`: every dataset with a tag source (`tags.sources`) and every dataset of `datasets`, with its
   reader; a dataset of `datasets` without a source gets `{kind: none}`: no tags, said so in its tags report;
 - `runs`: the training runs, each (dataset, model) that some table compares (tema.config.runs).
+
+Edits of params.yaml itself (by hand, or `dvc exp run -S train.max_epochs=5`) survive the next `tema profile`: it
+compares params.yaml with what it last wrote (the record beside it, .params-written.yaml, committed with it) and
+keeps every value changed or added since as an override on top of the profile it writes, one line each said so;
+`tema profile <name> --reset` writes the profile alone (docs/profiles.md). The derived keys are recomputed, never
+kept. An override the new profile has no place for (its parent key is missing), a removed key, or an override that
+no longer validates is an error naming it.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tema import config, datasets, schema
+from tema import config, data, datasets, schema
 
 DERIVED = ("evaluations", "pages", "readers", "tag_datasets", "runs")
 TABLE_KEYS = {"evaluations", "pages"}
+RECORD = ".params-written.yaml"  # beside params.yaml: what `tema profile` last wrote there (see apply_profile)
+WRITTEN_BY = re.compile(r"\A# Written by `tema profile ([^`\s]+)`")
 
 
 def profile_dir() -> Path:
@@ -66,16 +78,21 @@ def layers(name: str) -> list[tuple[str, dict[str, Any]]]:
         name = base
 
 
-def profile_params(name: str) -> dict[str, Any]:
-    """The parameters of a profile (its layers merged), with the derived keys filled in (see the module's doc)."""
-    merged: dict[str, Any] = {}
+def merged(name: str) -> dict[str, Any]:
+    """The layers of a profile merged, before the derived keys are filled in."""
+    out: dict[str, Any] = {}
     for _, body in layers(name):
         if {"datasets", "models"} & set(body):  # the tables and pages of other datasets or models: not inherited
-            merged = {k: v for k, v in merged.items() if k not in TABLE_KEYS}
+            out = {k: v for k, v in out.items() if k not in TABLE_KEYS}
         for key in TABLE_KEYS & set(body):  # a profile's tables and pages are its own, not merged with the base's
-            merged.pop(key, None)
-        merged = config.deep_merge(merged, body)
-    return derive(merged)
+            out.pop(key, None)
+        out = config.deep_merge(out, body)
+    return out
+
+
+def profile_params(name: str) -> dict[str, Any]:
+    """The parameters of a profile (its layers merged), with the derived keys filled in (see the module's doc)."""
+    return derive(merged(name))
 
 
 def derive(params: dict[str, Any]) -> dict[str, Any]:
@@ -136,12 +153,167 @@ def suggestion(dataset: str) -> str:
     return yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120)
 
 
-def apply_profile(name: str) -> Path:
-    """Write params.yaml for a profile (see profile_params), once it passes the schema (tema.schema)."""
-    params = profile_params(name)
-    schema.validate(params)
-    header = (f"# Written by `tema profile {name}` from profiles/. Edit profiles/*.yaml, not this file: evaluations, pages,\n"
-              "# readers, tag_datasets and runs are derived (tema.profiles).\n")
-    out = config.repo_root() / "params.yaml"
-    out.write_text(header + yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+def header(name: str, kept: dict[str, Any]) -> str:
+    """params.yaml's opening comment; with overrides, a line naming them (comments change no DVC fingerprint)."""
+    text = (f"# Written by `tema profile {name}` from profiles/. Edit profiles/*.yaml, not this file: evaluations, pages,\n"
+            "# readers, tag_datasets and runs are derived (tema.profiles).\n")
+    if kept:
+        text += (f"# Kept over the profile from an edited params.yaml (by hand or `dvc exp run -S`; `tema profile {name} --reset`\n"
+                 f"# drops them): {', '.join(f'{k}={show(v)}' for k, v in kept.items())}\n")
+    return text
+
+
+def show(value: Any) -> str:
+    """A value as one line of YAML (as `dvc exp run -S key=value` takes it)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=2**31).strip().removesuffix("...").strip()
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as values and types (True is not 1, 5 is not 5.0), mappings in any order."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def differences(now: dict[str, Any], before: dict[str, Any], path: tuple[str, ...] = ()) -> tuple[
+        list[tuple[tuple[str, ...], Any]], list[tuple[str, ...]]]:
+    """Where `now` differs from `before`: ([(key path, its value now)] changed or added, [key path] removed), each path
+    the shallowest at which the two part (mappings are compared key by key, any other value whole)."""
+    changed: list[tuple[tuple[str, ...], Any]] = []
+    removed: list[tuple[str, ...]] = []
+    for key, value in now.items():
+        here = (*path, str(key))
+        if key not in before:
+            changed.append((here, value))
+        elif isinstance(value, dict) and isinstance(before[key], dict):
+            more, gone = differences(value, before[key], here)
+            changed += more
+            removed += gone
+        elif not same(value, before[key]):
+            changed.append((here, value))
+    removed += [(*path, str(key)) for key in before if key not in now]
+    return changed, removed
+
+
+def record_path() -> Path:
+    return config.repo_root() / RECORD
+
+
+def last_written() -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """What `tema profile` last wrote to params.yaml: (the profile, the overrides it kept, every value written);
+    None where there is nothing to compare with (no params.yaml, or one of no known origin).
+
+    From the record beside params.yaml. Without one, or with one that names another profile than params.yaml's header
+    (params.yaml written by an older tema), the profile of the header as it reads now stands in."""
+    target = config.repo_root() / "params.yaml"
+    if not target.is_file():
+        return None
+    match = WRITTEN_BY.match(target.read_text(encoding="utf-8"))
+    named = match.group(1) if match else None
+    if record_path().is_file():
+        body = config.load_params(record_path())
+        profile, overrides, written = body.get("profile"), body.get("overrides"), body.get("written")
+        if not (isinstance(profile, str) and isinstance(overrides, dict) and isinstance(written, dict)):
+            raise config.ParamsError(f"{RECORD}: expected what `tema profile` writes there (profile, overrides, written); "
+                                     "delete it (edits of params.yaml are then not kept) or pass --reset")
+        if named in (None, profile):
+            return profile, overrides, written
+    if named is None:
+        return None
+    try:
+        return named, {}, profile_params(named)
+    except (config.ParamsError, data.DataError):
+        return None
+
+
+def overlay(params: dict[str, Any], overrides: dict[str, Any], name: str, since: str) -> dict[str, Any]:
+    """params with each override (dotted key -> value) set, in order; a mapping merges into a mapping. An override
+    whose parent key the profile lacks is an error naming it."""
+    out = copy.deepcopy(params)
+    problems = []
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            problems.append(f"params.yaml: {key}={show(value)} was set in params.yaml since `tema profile {since}` wrote it, but "
+                            f"profile {name} has no {'.'.join(parents)} to keep it in; drop it with `tema profile {name} --reset`")
+            continue
+        old = node.get(last)
+        node[last] = config.deep_merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else copy.deepcopy(value)
+    if problems:
+        raise config.ParamsError("\n".join(problems))
     return out
+
+
+@dataclass
+class Written:
+    """What `tema profile` did: the file it wrote, the edits of params.yaml it kept over the profile (dotted key ->
+    value) and the edits of derived keys it dropped (they are recomputed)."""
+
+    path: Path
+    profile: str
+    kept: dict[str, Any] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"kept {key}={show(value)} from params.yaml (set by hand or dvc exp run -S); --reset drops it"
+               for key, value in self.kept.items()]
+        out += [f"dropped the edit of {key} in params.yaml: `tema profile` derives it (a profile may name its tables and "
+                f"pages: profiles/{self.profile}.yaml)" for key in self.dropped]
+        return [*out, f"wrote {self.path}"]
+
+
+def apply_profile(name: str, reset: bool = False) -> Written:
+    """Write params.yaml for a profile (see profile_params), once it passes the schema (tema.schema), keeping the edits
+    made to params.yaml since the last `tema profile` as overrides (unless `reset`), and the record beside it.
+
+    The edits are the values of params.yaml that differ from what was last written there (the record's `written`);
+    with the overrides kept then, they are laid over the profile's merged layers, before the derived keys are filled
+    in. An override equal to the profile's value is no override. Without overrides, params.yaml holds the profile
+    alone, byte for byte as before overrides existed; writing the same profile twice writes the same bytes."""
+    base = merged(name)
+    pure = derive(base)
+    schema.validate(pure)  # the profile's own mistakes first, named as such
+    params, kept, dropped = pure, {}, []
+    last = None if reset else last_written()
+    if last is not None:
+        since, overrides, written = last
+        overrides = dict(overrides)
+        try:
+            current = config.load_params(config.repo_root() / "params.yaml")
+        except config.ParamsError as err:  # to compare with: a params.yaml that does not read is no edit to keep
+            raise config.ParamsError(f"{err}; `tema profile {name} --reset` writes the profile over it") from None
+        changed, removed = differences(current, written)
+        for path, value in changed:
+            if path[0] in DERIVED:
+                dropped.append(".".join(path))
+            else:
+                overrides.pop(".".join(path), None)  # the newest value, after the overrides it refines
+                overrides[".".join(path)] = value
+        dropped += [".".join(path) for path in removed if path[0] in DERIVED]
+        gone = [".".join(path) for path in removed if path[0] not in DERIVED]
+        if gone:
+            raise config.ParamsError("\n".join(
+                f"params.yaml: {key} was removed since `tema profile {since}` wrote it; `tema profile` keeps values changed "
+                f"or added in params.yaml, not removals: put it back, or write the profile alone with `tema profile {name} --reset`"
+                for key in gone))
+        laid = overlay(base, overrides, name, since)
+        kept = {".".join(path): value for path, value in differences(laid, base)[0]}
+        if kept:
+            try:
+                params = derive(laid)
+                schema.validate(params)
+            except (config.ParamsError, data.DataError) as err:
+                raise config.ParamsError("\n".join([
+                    f"params.yaml: the values kept from an edited params.yaml ({', '.join(f'{k}={show(v)}' for k, v in kept.items())}) "
+                    f"do not fit profile {name}; fix them in params.yaml, or drop them with `tema profile {name} --reset`:",
+                    *str(err).splitlines()])) from None
+    out = config.repo_root() / "params.yaml"
+    out.write_text(header(name, kept) + yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    record = ("# What `tema profile` last wrote to params.yaml (tema.profiles, docs/profiles.md): the profile, the edits of\n"
+              "# params.yaml it kept over it, and every value written. The next `tema profile` compares params.yaml with\n"
+              "# `written` to find the edits made since (by hand or `dvc exp run -S`) and keeps them. Commit it with\n"
+              "# params.yaml; do not edit it.\n")
+    record_path().write_text(record + yaml.safe_dump({"profile": name, "overrides": kept, "written": params}, sort_keys=False),
+                             encoding="utf-8")
+    return Written(out, name, kept, list(dict.fromkeys(dropped)))

@@ -112,3 +112,152 @@ def test_params_yaml_edited_past_its_derived_keys_is_refused(repo):
     params["datasets"] = ["food-kitchen", "art-office"]  # as `dvc exp run -S` or a hand edit would, without `tema profile`
     with pytest.raises(config.ParamsError, match=r"readers: expected \{.*'art-office': 'tema/datasets/art_office.py'\}.*`tema profile <name>`"):
         schema.validate(params)
+
+
+# -- edits of params.yaml (by hand, `dvc exp run -S`) over `tema profile` ------------------------------------------
+
+def dvc_set(repo, *overrides: str) -> None:
+    """What `dvc exp run -S` does to params.yaml before it runs (DVC's own code: Hydra overrides, comments kept)."""
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(repo / "params.yaml", list(overrides))
+
+
+def written(repo) -> tuple[bytes, bytes]:
+    return (repo / "params.yaml").read_bytes(), (repo / profiles.RECORD).read_bytes()
+
+
+def old_bytes(name: str) -> bytes:
+    """params.yaml as `tema profile` wrote it before edits were kept: the header and the profile's values."""
+    return (profiles.header(name, {}) + yaml.safe_dump(profiles.profile_params(name), sort_keys=False)).encode()
+
+
+def test_without_edits_params_yaml_is_the_profile_byte_for_byte(repo, capsys):
+    assert cli.main(["profile", "default"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {repo / 'params.yaml'}"]
+    assert (repo / "params.yaml").read_bytes() == old_bytes("default") == (ROOT / "params.yaml").read_bytes()
+    first = written(repo)
+    assert cli.main(["profile", "default"]) == 0 and written(repo) == first  # idempotent, the record too
+    assert cli.main(["profile", "smoke"]) == 0 and (repo / "params.yaml").read_bytes() == old_bytes("smoke")
+    assert cli.main(["profile", "default"]) == 0 and written(repo) == first  # switching back: no edit in between
+
+
+def test_a_dvc_exp_run_set_survives_tema_profile_and_reset_drops_it(repo, capsys):
+    cli.main(["profile", "default"])
+    pure = written(repo)
+    dvc_set(repo, "train.max_epochs=5", "+model_params.tema-no-tags={dim: 32}")
+    capsys.readouterr()
+    assert cli.main(["profile", "default"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "kept train.max_epochs=5 from params.yaml (set by hand or dvc exp run -S); --reset drops it",
+        "kept model_params.tema-no-tags={dim: 32} from params.yaml (set by hand or dvc exp run -S); --reset drops it"]
+    params = config.load_params(repo / "params.yaml")
+    expected = profiles.profile_params("default")
+    expected["train"]["max_epochs"] = 5
+    expected["model_params"]["tema-no-tags"] = {"dim": 32}
+    assert params == expected
+    assert "# drops them): train.max_epochs=5, model_params.tema-no-tags={dim: 32}" in (repo / "params.yaml").read_text()
+    # idempotent: the kept values stay kept (they are not edits any more, but overrides), byte for byte
+    kept = written(repo)
+    assert cli.main(["profile", "default"]) == 0 and written(repo) == kept
+    # over another profile too: smoke's 2 epochs give way to the edit
+    assert cli.main(["profile", "smoke"]) == 0
+    smoke = config.load_params(repo / "params.yaml")
+    assert smoke["train"]["max_epochs"] == 5 and smoke["train"]["seeds"] == [1, 2]
+    capsys.readouterr()
+    assert cli.main(["profile", "default", "--reset"]) == 0
+    assert "kept" not in capsys.readouterr().out
+    assert written(repo) == pure
+
+
+def test_an_edit_set_back_to_the_profile_value_is_no_override(repo, capsys):
+    cli.main(["profile", "default"])
+    pure = written(repo)
+    dvc_set(repo, "train.max_epochs=5")
+    cli.main(["profile", "default"])
+    dvc_set(repo, "train.max_epochs=40")
+    capsys.readouterr()
+    assert cli.main(["profile", "default"]) == 0
+    assert "kept" not in capsys.readouterr().out and written(repo) == pure
+
+
+def test_a_change_of_the_profile_is_not_taken_for_an_edit(repo, capsys):
+    """The record holds what was written, so a profile edited since (the way to change a value for good) wins over
+    the old value, while params.yaml's own edit is kept."""
+    cli.main(["profile", "default"])
+    dvc_set(repo, "train.max_epochs=5")
+    text = (repo / "profiles" / "default.yaml").read_text()
+    assert "  patience: 4 " in text
+    (repo / "profiles" / "default.yaml").write_text(text.replace("  patience: 4 ", "  patience: 7 "))
+    capsys.readouterr()
+    assert cli.main(["profile", "default"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("kept")] == [
+        "kept train.max_epochs=5 from params.yaml (set by hand or dvc exp run -S); --reset drops it"]
+    train = config.load_params(repo / "params.yaml")["train"]
+    assert train["max_epochs"] == 5 and train["patience"] == 7
+
+
+def test_an_override_the_new_profile_has_no_place_for_is_an_error_naming_it(repo, capsys):
+    profile(repo, "with-x", {"model_params": {"tema-no-tags": {"dim": 32}}})
+    cli.main(["profile", "with-x"])
+    dvc_set(repo, "model_params.tema-no-tags.dim=16")
+    before = written(repo)
+    capsys.readouterr()
+    assert cli.main(["profile", "default"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["tema: error: params.yaml: model_params.tema-no-tags.dim=16 was set in params.yaml since `tema profile "
+                   "with-x` wrote it, but profile default has no model_params.tema-no-tags to keep it in; drop it with "
+                   "`tema profile default --reset`"]
+    assert written(repo) == before  # nothing written
+    assert cli.main(["profile", "with-x"]) == 0  # where it has a place, it is kept
+    assert config.load_params(repo / "params.yaml")["model_params"]["tema-no-tags"] == {"dim": 16}
+    assert cli.main(["profile", "default", "--reset"]) == 0 and (repo / "params.yaml").read_bytes() == old_bytes("default")
+
+
+def test_an_override_that_no_longer_validates_or_a_removed_key_is_an_error_naming_it(repo, capsys):
+    cli.main(["profile", "default"])
+    dvc_set(repo, "train.max_epochs=-1")
+    before = written(repo)
+    capsys.readouterr()
+    assert cli.main(["profile", "smoke"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("tema: error: params.yaml: the values kept from an edited params.yaml (train.max_epochs=-1) "
+                             "do not fit profile smoke")
+    assert err[1:] == ["tema: error: params.yaml: train.max_epochs: expected an integer >= 1, got -1"]
+    assert written(repo) == before
+    cli.main(["profile", "default", "--reset"])
+    dvc_set(repo, "~train.patience")
+    assert cli.main(["profile", "default"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("tema: error: params.yaml: train.patience was removed since `tema profile default`")
+
+
+def test_edits_of_derived_keys_are_recomputed_and_said_so(repo, capsys):
+    cli.main(["profile", "default"])
+    pure = written(repo)
+    dvc_set(repo, "runs.food-kitchen-tema.model=sasrec")
+    capsys.readouterr()
+    assert cli.main(["profile", "default"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("dropped the edit of runs.food-kitchen-tema.model in params.yaml: `tema profile` derives it")
+    assert written(repo) == pure
+    # an edit of what they derive from is kept, and they follow it
+    dvc_set(repo, "datasets=[food-kitchen, mine]", "models=[popularity, sasrec]")
+    assert cli.main(["profile", "default"]) == 0
+    params = config.load_params(repo / "params.yaml")
+    assert list(params["runs"]) == [f"{d}-{m}" for d in ("food-kitchen", "mine") for m in ("popularity", "sasrec")]
+    assert params["tags"]["sources"]["mine"] == {"kind": "none"}
+    assert profiles.differences(params, profiles.profile_params("default"))[0][:2] == [
+        (("datasets",), ["food-kitchen", "mine"]), (("models",), ["popularity", "sasrec"])]
+
+
+def test_a_params_yaml_without_a_record_is_compared_with_the_profile_its_header_names(repo, capsys):
+    """A params.yaml written before the record existed (or a record of another profile than params.yaml's header, left
+    by an older tema): the profile the header names, as it reads now, stands in for what was written."""
+    (repo / "params.yaml").write_bytes(old_bytes("smoke"))
+    dvc_set(repo, "train.max_epochs=5")
+    assert cli.main(["profile", "default"]) == 0
+    assert capsys.readouterr().out.startswith("kept train.max_epochs=5 from params.yaml")
+    (repo / "params.yaml").write_bytes(old_bytes("smoke"))  # the record says default (with the override): stale
+    assert cli.main(["profile", "smoke"]) == 0
+    assert "kept" not in capsys.readouterr().out and (repo / "params.yaml").read_bytes() == old_bytes("smoke")
