@@ -29,8 +29,11 @@ def repo_root() -> Path:
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:
     path = Path(path) if path else repo_root() / "params.yaml"
-    with open(path, encoding="utf-8") as f:
-        params = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # a hand edit gone wrong: one line naming the file, no traceback
+        raise ParamsError(f"{path}: expected YAML, could not parse it ({' '.join(str(err).split())})") from None
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     return params
