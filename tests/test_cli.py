@@ -1,0 +1,144 @@
+"""The `tema` command as a user meets it: `tema --help` lists every command, each command's --help its arguments, and a
+user's mistake ends in one line `tema: error: ...` with a non-zero exit, never a traceback (a bug still shows one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from conftest import ROOT
+from test_profiles import repo  # noqa: F401  (the fixture: profiles and dataset descriptions in a temporary repository)
+
+from tema import cli, config
+
+SCRIPT = Path(sys.executable).parent / "tema"  # the console script of pyproject.toml ([project.scripts] tema = tema.cli:main)
+TEMA = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "tema.cli"]
+
+
+def tema(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
+    return subprocess.run([*TEMA, *args], cwd=cwd, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, status: int = 2) -> str:
+    assert proc.returncode == status, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tema: error: "), proc.stderr
+    return lines[0]
+
+
+def test_help_lists_every_command_with_a_description():
+    proc = tema("--help")
+    assert proc.returncode == 0, proc.stderr
+    listed = cli.command_lines(cli.build_parser())
+    paths = {" ".join(w for w in usage.split() if w.islower() and not w.startswith("[")) for usage, _ in listed}
+    assert {"profile", "run-notebook", "dataset add", "dataset list", "tags generate", "tune", "recommend", "llm serve"} <= paths
+    for usage, summary in listed:
+        assert summary, usage
+        assert any(line.split() == ["tema", *usage.split(), *summary.split()] for line in proc.stdout.splitlines()), usage
+    # every registered command is listed: the top-level choices, and each group's
+    top = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    assert {p.split()[0] for p in paths} == set(top.choices)
+
+
+@pytest.mark.parametrize("command", [["profile"], ["run-notebook"], ["dataset", "add"], ["dataset", "list"],
+                                     ["tags", "generate"], ["tune"]])
+def test_each_command_describes_its_arguments(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: tema {' '.join(command)} ")
+    parser = cli.build_parser()
+    for name in command:
+        parser = next(a for a in parser._actions if a.dest and a.dest.endswith("command")).choices[name]
+    for action in parser._actions:
+        assert action.help, f"tema {' '.join(command)}: {action.dest} has no help"
+        assert action.help in " ".join(out.split()) or action.help == "show this help message and exit"
+
+
+def test_the_delegated_commands_help_matches_their_listing():
+    """`tema recommend` and `tema llm` parse their own arguments (tema.recommend, tema.llm); their line in `tema --help`
+    names the same positional arguments."""
+    for name, (usage, _) in cli.DELEGATED.items():
+        proc = tema(name, "--help")
+        assert proc.returncode == 0, proc.stderr
+        shown = proc.stdout.split("\n\n")[0].lower()
+        for word in usage.replace("[options]", "").lower().split():
+            assert word in shown, (name, word, shown)
+
+
+def test_an_unknown_profile_is_one_line(repo):  # noqa: F811
+    line = one_error_line(tema("profile", "nosuch", cwd=repo))
+    assert line.startswith("tema: error: unknown profile 'nosuch': profiles/nosuch.yaml not found; profiles: [")
+
+
+def test_recommend_on_an_unknown_dataset_is_one_line():
+    line = one_error_line(tema("recommend", "nosuch", "tema", "test:1"))
+    assert "nosuch" in line
+
+
+def test_a_bad_value_in_params_yaml_is_one_line_naming_it(repo):  # noqa: F811
+    assert tema("profile", "default", cwd=repo).returncode == 0
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("  seeds:\n  - 1\n  - 2\n  - 3\n", "  seeds: three\n"))
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["seeds"] == "three"
+    line = one_error_line(tema("tune", "food-kitchen", cwd=repo))
+    assert line.startswith("tema: error: params.yaml: train.seeds: expected ") and line.endswith("got 'three'")
+    # the same edit kept over a profile fails the same way, naming it, and nothing is written
+    proc = tema("profile", "default", cwd=repo)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "(train.seeds=three) do not fit profile default" in proc.stderr.splitlines()[0]
+    # a params.yaml that is not YAML at all
+    (repo / "params.yaml").write_text("datasets: [food-kitchen\n")
+    line = one_error_line(tema("tune", "food-kitchen", cwd=repo))
+    assert line.startswith(f"tema: error: {repo / 'params.yaml'}: expected YAML, could not parse it (")
+    assert one_error_line(tema("profile", "default", cwd=repo)) == f"{line}; `tema profile default --reset` writes the profile over it"
+    # --debug (or TEMA_DEBUG=1) shows where it came from, then the same line
+    for proc in (tema("--debug", "tune", "food-kitchen", cwd=repo), tema("tune", "food-kitchen", cwd=repo, env={cli.DEBUG_ENV: "1"})):
+        assert proc.returncode == 2 and "Traceback" in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == line
+
+
+def test_a_missing_notebook_is_one_line(tmp_path):
+    line = one_error_line(tema("run-notebook", str(tmp_path / "nosuch.ipynb"), str(tmp_path / "out.ipynb")))
+    assert line == f"tema: error: {tmp_path / 'nosuch.ipynb'}: not found"
+
+
+def test_a_failed_notebook_names_the_cell_its_error_and_the_executed_notebook(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}), nbformat.v4.new_code_cell("y = x + 1"),
+                nbformat.v4.new_code_cell("raise ValueError(f'x is {x}, y is {y}')")]
+    nbformat.write(nb, tmp_path / "fails.ipynb")
+    out = tmp_path / "out" / "fails.ipynb"
+    proc = tema("run-notebook", str(tmp_path / "fails.ipynb"), str(out), "-p", "x", "2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tema: ")]
+    assert lines == [f"tema: error: {tmp_path / 'fails.ipynb'} failed at cell In [4]: ValueError: x is 2, y is 3",
+                     f"tema: error: the executed notebook, with the traceback: {out} ({out.with_suffix('.html')})"]
+    assert "This run FAILED" in out.read_text() and out.with_suffix(".html").is_file()
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(cli, "run_command", interrupted)
+    assert cli.main(["profile", "default"]) == 130
+    assert capsys.readouterr().err == "tema: interrupted\n"
+
+    def bug(argv):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(cli, "run_command", bug)
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["profile", "default"])
+    assert isinstance(config.ParamsError("x"), cli.USER_ERRORS)
