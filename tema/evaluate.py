@@ -2,8 +2,10 @@
 
 A table is a dataset and the models it compares; by default one per dataset, named after it (config.evaluations).
 Outputs: data/eval/<table>/per_user.parquet (rank and metrics of every example, model, seed, split and protocol:
-the input of paired tests), reports/<table>/metrics.json (test mean and std over seeds, for `dvc metrics show`)
-with the same numbers in reports/<table>/results.csv, and reports/<table>/significance.csv.
+the input of paired tests), reports/<table>/metrics.json (every test mean and std over seeds) with the same numbers
+in reports/<table>/results.csv, reports/<table>/significance.csv, reports/<table>/headline.json (the few numbers
+`dvc metrics show` lists: tema.views.headline) and reports/curves/<table>.csv (each model's validation curve, mean
+over seeds, for `dvc plots show`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tema import artifacts, config, data, schema
+from tema import artifacts, config, data, schema, views
 from tema.artifacts import load_candidates
 from tema.models import registry
 from tema.protocols import METRICS, PROTOCOLS, evaluate_split
@@ -144,8 +146,24 @@ def run(table: str, params: dict[str, Any]) -> pd.DataFrame:
     reference = config.reference(params, table)
     sig = significance(per_user, reference) if reference else pd.DataFrame()
     sig.to_csv(report_dir / "significance.csv", index=False, float_format="%.6g")
+    (report_dir / "headline.json").write_text(json.dumps(views.headline(summary, sig, reference), indent=2) + "\n")
+    write_curves(table, spec["dataset"], spec["models"], TrainConfig.from_params(params).seeds)
     artifacts.write_json(eval_dir / "explanations.json", explain_users(spec["dataset"], params, explained_model(reference, spec["models"])))
     return summary
+
+
+def write_curves(table: str, dataset: str, models: list[str], seeds) -> None:
+    """reports/curves/<table>.csv: per model (display name) and epoch, the validation score and training loss, mean
+    over the seeds still training at that epoch; one file per table, so that `dvc plots show` draws one figure per
+    table with a line per model (dvc.yaml's top-level plots, template .dvc/plots/models.json)."""
+    frames = []
+    for model in models:
+        hist = artifacts.load_histories(dataset, model, seeds)
+        mean = hist.groupby("epoch")[["valid_score", "loss"]].mean().reset_index()
+        frames.append(mean.assign(model=registry.info(model).display)[["model", "epoch", "valid_score", "loss"]])
+    out = artifacts.reports_dir("curves") / f"{table}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames, ignore_index=True).to_csv(out, index=False, float_format="%.6f")
 
 
 def explained_model(reference: str | None, models: list[str]) -> str | None:

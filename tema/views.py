@@ -52,6 +52,21 @@ def ordered(values) -> list:
     return list(dict.fromkeys(values))
 
 
+PRIMARY_PROTOCOL = "full"  # ranking among all items of the domain: the unbiased view, shown first
+
+
+def protocols_of(values) -> list[str]:
+    """Distinct protocols, full ranking first, then the others in order of first appearance."""
+    seen = ordered(values)
+    return sorted(seen, key=lambda p: (p != PRIMARY_PROTOCOL, seen.index(p)))
+
+
+def model_colors(n: int) -> list:
+    """n distinct colours: matplotlib's tab10, or tab20 for more than 10 lines (no colour repeats up to 20)."""
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def metrics_of(summary: pd.DataFrame) -> list[str]:
     return [c.removeprefix(METRIC_PREFIX) for c in summary.columns if c.startswith(METRIC_PREFIX)]
 
@@ -75,24 +90,54 @@ def stats_tables(stats: dict[str, Any]) -> pd.DataFrame:
 # -- train ---------------------------------------------------------------------------------------------
 
 def plot_curves(dataset: str, models: list[str], seeds, labels: dict[str, str] | None = None) -> Figure:
-    """Validation score (mean full-ranking MRR of the domains) and training loss per epoch, per seed."""
-    fig, axes = new_figure(1, 2, size=(10, 3.5))
+    """Validation score (mean full-ranking MRR of the domains) and training loss per epoch: one line per model, the
+    mean over its seeds (over the seeds still training at that epoch), with the seeds' range shaded; the legend sits
+    beside the panels, so that no line hides under it."""
+    fig, axes = new_figure(1, 2, size=(11, 3.6))
     ax_score, ax_loss = axes[0]
-    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, model in enumerate(models):
+    for model, color in zip(models, model_colors(len(models)), strict=True):
         hist = artifacts.load_histories(dataset, model, seeds)
-        for j, (_, rows) in enumerate(hist.groupby("seed")):
-            label = (labels or {}).get(model, model) if j == 0 else None
-            marker = "o" if len(rows) == 1 else None
-            ax_score.plot(rows["epoch"], rows["valid_score"], color=colors[i % len(colors)], alpha=0.8, label=label, marker=marker)
-            if rows["loss"].notna().any():
-                ax_loss.plot(rows["epoch"], rows["loss"], color=colors[i % len(colors)], alpha=0.8, label=label)
-    ax_score.set(xlabel="epoch", ylabel="valid MRR (full ranking, mean of domains)", title=f"{dataset}: validation")
+        by_epoch = hist.groupby("epoch")
+        label = (labels or {}).get(model, model)
+        for ax, column in ((ax_score, "valid_score"), (ax_loss, "loss")):
+            if not hist[column].notna().any():
+                continue
+            mean, low, high = by_epoch[column].mean(), by_epoch[column].min(), by_epoch[column].max()
+            marker = "o" if len(mean) == 1 else None
+            ax.plot(mean.index, mean.to_numpy(), color=color, label=label if ax is ax_score else None, marker=marker, lw=1.5)
+            if len(mean) > 1 and hist["seed"].nunique() > 1:
+                ax.fill_between(mean.index, low.to_numpy(), high.to_numpy(), color=color, alpha=0.15, lw=0)
+    ax_score.set(xlabel="epoch", ylabel="valid MRR (full, mean of domains)", title=f"{dataset}: validation")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"{dataset}: training loss")
-    ax_score.legend()
-    ax_loss.legend()
-    fig.tight_layout()
+    n_seeds = len(list(seeds))
+    fig.legend(loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=8, frameon=False,
+               title=f"mean of {n_seeds} seed(s)" + (", range shaded" if n_seeds > 1 else ""), title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.80, 1))
     return fig
+
+
+def history_table(dataset: str, model: str, seeds) -> pd.DataFrame:
+    """The epoch log of every seed (the train stage's history.csv without its timings, which differ from run to
+    run): epoch rows, (seed, loss / valid score) columns; the epoch each seed's checkpoint was taken from is marked."""
+    hist = artifacts.load_histories(dataset, model, seeds)
+    parts = {}
+    for seed, rows in hist.groupby("seed"):
+        rows = rows.set_index("epoch")
+        best = rows["valid_score"].idxmax()
+        parts[f"seed {seed}"] = pd.DataFrame({
+            "loss": rows["loss"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
+            "valid score": [f"{v:.4f}" + (" (kept)" if e == best else "") for e, v in rows["valid_score"].items()],
+        })
+    return pd.concat(parts, axis=1).fillna("")
+
+
+def run_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The train stage's per-seed summaries (tema.train.run) as a table: seed, best epoch, its validation score,
+    epochs run."""
+    table = runs.set_index("seed")[["best_epoch", "best_valid_score", "epochs_run"]].copy()
+    table["best_valid_score"] = table["best_valid_score"].map(lambda v: f"{v:.4f}")
+    table.columns = ["checkpoint epoch", "valid score", "epochs run"]
+    return table
 
 
 # -- evaluate ------------------------------------------------------------------------------------------
@@ -109,17 +154,29 @@ def format_table(summary: pd.DataFrame, metrics=None) -> pd.DataFrame:
     return wide.loc[ordered(summary["model"]), [c for c in columns if c in wide.columns]]
 
 
-def plot_results(summary: pd.DataFrame, metric: str = "MRR", labels: dict[str, str] | None = None) -> Figure:
-    """Bars of a test metric per model, one panel per protocol and domain, with seed std as error bars."""
-    panels = [(p, d) for p in ordered(summary["protocol"]) for d in sorted(set(summary["domain"]))]
-    fig, axes = new_figure(1, len(panels), size=(12, 3.2))
-    for ax, (protocol, domain) in zip(axes[0], panels, strict=True):
-        rows = summary[(summary["protocol"] == protocol) & (summary["domain"] == domain)]
+def plot_results(summary: pd.DataFrame, metric: str = "MRR", labels: dict[str, str] | None = None,
+                 marks: dict[tuple[str, str, str], str] | None = None, reference: str | None = None) -> Figure:
+    """Horizontal bars of a test metric per model (seed std as error bars), one panel per protocol and domain, full
+    ranking first. `marks` maps (model, protocol, domain) to a significance mark drawn after the bar (* / ** against
+    `reference`, whose bar is drawn darker)."""
+    panels = [(p, d) for p in protocols_of(summary["protocol"]) for d in sorted(set(summary["domain"]))]
+    n_models = summary["model"].nunique()
+    fig, axes = new_figure(1, len(panels), size=(3.1 * len(panels) + 1.2, 0.9 + 0.28 * n_models))
+    for i, (ax, (protocol, domain)) in enumerate(zip(axes[0], panels, strict=True)):
+        rows = summary[(summary["protocol"] == protocol) & (summary["domain"] == domain)].iloc[::-1]  # first model on top
         names = [(labels or {}).get(m, m) for m in rows["model"]]
-        ax.bar(names, rows[f"mean_{metric}"], yerr=rows[f"std_{metric}"], capsize=3, color="#4c72b0")
+        means, stds = rows[f"mean_{metric}"].to_numpy(), rows[f"std_{metric}"].to_numpy()
+        colors = ["#1f3d7a" if m == reference else "#7a9cd6" for m in rows["model"]]
+        ax.barh(names, means, xerr=stds, capsize=2, color=colors)
+        for y, (model, mean, std) in enumerate(zip(rows["model"], means, stds, strict=True)):
+            mark = (marks or {}).get((model, protocol, domain), "")
+            if mark:
+                ax.text(mean + std, y, f" {mark}", va="center", fontsize=9)
         ax.set_title(f"{protocol}, domain {domain}", fontsize=9)
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
-    axes[0][0].set_ylabel(f"test {metric}")
+        ax.tick_params(axis="y", labelsize=8, labelleft=i == 0)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel(f"test {metric}", fontsize=8)
+        ax.margins(x=0.15)
     fig.tight_layout()
     return fig
 
@@ -128,7 +185,7 @@ def significance_mark(p: float, p_holm: float) -> str:
     return "**" if p_holm < 0.05 else "*" if p < 0.05 else ""
 
 
-def significance_table(sig: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+def significance_table(sig: pd.DataFrame, models: list[str], labels: dict[str, str] | None = None) -> pd.DataFrame:
     """Models (and a 'best baseline' row) x (protocol, domain, metric): 'difference (p, Holm p) marks' cells."""
 
     def cell(r) -> str:
@@ -142,7 +199,81 @@ def significance_table(sig: pd.DataFrame, models: list[str]) -> pd.DataFrame:
     baselines = sig[sig["group"] == "baseline"]
     if len(baselines):
         best = baselines.loc[baselines.groupby(["protocol", "domain", "metric"])["model_mean"].idxmax()]
-        best_row = {(r.protocol, r.domain, r.metric): f"{r.model}: {r.cell}" for r in best.itertuples()}
+        best_row = {(r.protocol, r.domain, r.metric): f"{(labels or {}).get(r.model, r.model)}: {r.cell}" for r in best.itertuples()}
         wide.loc["best baseline"] = [best_row.get(c, "") for c in wide.columns]
     wide.columns = [f"{p} {d} {m}" for p, d, m in wide.columns]
     return wide
+
+
+# -- findings ------------------------------------------------------------------------------------------
+
+def verdict(difference: float, p_value: float, p_holm: float) -> str:
+    """'above' / 'below' where a difference is significant (p < 0.05), with '(Holm)' where it survives Holm's
+    correction; 'tied' where it is not significant."""
+    if p_value >= 0.05:
+        return "tied"
+    return ("above" if difference > 0 else "below") + (" (Holm)" if p_holm < 0.05 else "")
+
+
+def best_opponents(sig: pd.DataFrame, group: str = "baseline") -> pd.DataFrame:
+    """Per (protocol, domain, metric) of a significance table (tema.evaluate.significance), the model of `group`
+    with the highest mean test metric, with the reference's mean, the difference, the p-values and the verdict;
+    full ranking first. Empty when the table has no model of that group."""
+    rows = sig[sig["group"] == group] if len(sig) else sig
+    if not len(rows):
+        return pd.DataFrame()
+    best = rows.loc[rows.groupby(["protocol", "domain", "metric"], sort=False)["model_mean"].idxmax()].copy()
+    best["verdict"] = [verdict(r.difference, r.p_value, r.p_holm) for r in best.itertuples()]
+    order = {p: i for i, p in enumerate(protocols_of(best["protocol"]))}
+    return best.sort_values(["protocol", "domain", "metric"], key=lambda c: c.map(order) if c.name == "protocol" else c,
+                            kind="stable").reset_index(drop=True)
+
+
+def against(sig: pd.DataFrame, model: str) -> pd.DataFrame:
+    """The reference against one model (e.g. TEMA against TEMA without tags), every cell, with its verdict."""
+    rows = sig[sig["model"] == model].copy() if len(sig) else pd.DataFrame()
+    if len(rows):
+        rows["verdict"] = [verdict(r.difference, r.p_value, r.p_holm) for r in rows.itertuples()]
+    return rows.reset_index(drop=True)
+
+
+def count_verdicts(rows: pd.DataFrame) -> dict[str, int]:
+    """How many cells the reference is significantly above, below, or tied with its opponent(s)."""
+    words = rows["verdict"].str.split(" ").str[0] if len(rows) else pd.Series(dtype=str)
+    return {"cells": len(rows), "above": int((words == "above").sum()), "below": int((words == "below").sum()),
+            "tied": int((words == "tied").sum())}
+
+
+def headline(summary: pd.DataFrame, sig: pd.DataFrame, reference: str | None) -> dict[str, float]:
+    """The few numbers `dvc metrics show` lists per table (reports/<table>/headline.json): the reference model's
+    full-ranking MRR and NDCG@10 per domain, and its rival's MRR per domain (rival: the best other model, the best baseline where the
+    table has baselines). Keys are short so that the table of every table fits a terminal."""
+    full = summary[summary["protocol"] == PRIMARY_PROTOCOL]
+    out: dict[str, float] = {}
+    if reference is None or reference not in set(full["model"]):
+        return out
+    for domain in sorted(set(full["domain"])):
+        rows = full[full["domain"] == domain].set_index("model")
+        for metric in ("MRR", "NDCG@10"):
+            out[f"{metric}_{domain}"] = round(float(rows.loc[reference, f"mean_{metric}"]), 4)
+    group = "baseline" if len(sig) and (sig["group"] == "baseline").any() else "ablation"
+    best = best_opponents(sig, group) if len(sig) else pd.DataFrame()
+    for r in best[(best["protocol"] == PRIMARY_PROTOCOL) & (best["metric"] == "MRR")].itertuples() if len(best) else []:
+        out[f"rival_MRR_{r.domain}"] = round(float(r.model_mean), 4)
+    return out
+
+
+def provenance_table(provenance: dict[str, Any]) -> pd.DataFrame:
+    """A nested provenance record (tags stage, features stage) as a two-column table: dotted key, value."""
+    rows = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            rows.append({"key": prefix, "value": text if len(text) <= 200 else text[:197] + "..."})
+
+    walk("", provenance)
+    return pd.DataFrame(rows).set_index("key")

@@ -31,8 +31,10 @@ def test_tables_follow_the_results_they_show():
     assert list(table.index) == ["m1", "m2"]
     assert [c[0] for c in table.columns][:4] == ["sampled-999"] * 4 and table.columns[0] == ("sampled-999", "A", "MRR")
     assert table.loc["m2", ("full", "B", "HR@10")] == "0.4000 ± 0.0200"
-    fig = views.plot_results(summary(), labels={"m1": "Model one"})
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["Model one", "m2"]
+    fig = views.plot_results(summary(), labels={"m1": "Model one"}, marks={("m1", "full", "A"): "**"}, reference="m2")
+    assert [ax.get_title() for ax in fig.axes][:2] == ["full, domain A", "full, domain B"]  # full ranking first
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["m2", "Model one"]  # first model on top
+    assert [t.get_text().strip() for t in fig.axes[0].texts] == ["**"] and not fig.axes[1].texts
     png = fig._repr_png_()  # a notebook shows the figure from this, whatever backend is active
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == views.figure_png(fig)  # and renders it the same twice
 
@@ -50,3 +52,45 @@ def test_the_report_renders_saved_explanations_without_a_model():
     assert "<h3>Explanations (TEMA, seed 1)</h3>" in page and "top 2 items" in page
     assert "<b>mug</b>, steel" in page and "item 9 (the target)" in page and "item 8</td>" in page
     assert page.count("0.75") == 1 and report.explanations_section(None) == ""
+
+
+def significance() -> pd.DataFrame:
+    """tema.evaluate.significance's columns: the reference r against baselines b1, b2 and an ablation a1."""
+    rows = []
+    for protocol in ("sampled-999", "full"):
+        for domain in ("A", "B"):
+            for model, group, mean, p in (("b1", "baseline", 0.30, 0.01), ("b2", "baseline", 0.10, 0.001),
+                                          ("a1", "ablation", 0.40, 0.2 if domain == "A" else 0.001)):
+                rows.append({"protocol": protocol, "domain": domain, "reference": "r", "model": model, "group": group,
+                             "metric": "MRR", "reference_mean": 0.25, "model_mean": mean, "difference": 0.25 - mean,
+                             "pairs": 10, "p_value": p, "p_holm": min(1.0, 4 * p)})
+    return pd.DataFrame(rows)
+
+
+def test_findings_compare_the_reference_with_the_strongest_baseline_of_each_cell():
+    best = views.best_opponents(significance())
+    assert list(best["protocol"])[:2] == ["full", "full"]  # full ranking first
+    assert set(best["model"]) == {"b1"}  # the highest mean among baselines, not the ablation a1
+    assert set(best["verdict"]) == {"below (Holm)"}  # r 0.25 < b1 0.30, p 0.01, Holm 0.04
+    ablation = views.against(significance(), "a1")
+    assert views.count_verdicts(ablation) == {"cells": 4, "above": 0, "below": 2, "tied": 2}
+    assert views.verdict(0.1, 0.001, 0.004) == "above (Holm)" and views.verdict(-0.1, 0.2, 0.8) == "tied"
+
+
+def test_the_headline_metrics_are_few_and_named_for_a_terminal():
+    rows = []
+    for protocol in ("sampled-999", "full"):
+        for domain in ("A", "B"):
+            for model, base in (("r", 0.25), ("b1", 0.3), ("b2", 0.1)):
+                rows.append({"model": model, "protocol": protocol, "domain": domain, "mean_MRR": base + (protocol == "full"),
+                             "std_MRR": 0.0, "mean_NDCG@10": base, "std_NDCG@10": 0.0})
+    got = views.headline(pd.DataFrame(rows), significance(), "r")
+    assert got == {"MRR_A": 1.25, "NDCG@10_A": 0.25, "MRR_B": 1.25, "NDCG@10_B": 0.25,
+                   "rival_MRR_A": 0.3, "rival_MRR_B": 0.3}  # full-ranking MRR of r; b1's from the tests
+    assert views.headline(pd.DataFrame(rows), pd.DataFrame(), None) == {}
+
+
+def test_provenance_renders_as_a_table_of_dotted_keys():
+    table = views.provenance_table({"llm": {"model": "m", "k": 5}, "domains": ["A", "B"], "note": "x" * 300})
+    assert table.loc["llm.model", "value"] == "m" and table.loc["domains", "value"] == "A, B"
+    assert len(table.loc["note", "value"]) == 200
