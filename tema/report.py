@@ -11,6 +11,8 @@ explanations of sample users from the evaluate stage (data/eval/<table>/explanat
 from __future__ import annotations
 
 import html
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ import pandas as pd
 from tema import artifacts, config, schema
 from tema.models import registry
 from tema.views import (
+    PRIMARY_PROTOCOL,
+    against,
+    best_opponents,
+    count_verdicts,
     figure_png,
     format_table,
     img_tag,
@@ -26,10 +32,23 @@ from tema.views import (
     ordered,
     plot_curves,
     plot_results,
+    protocols_of,
     significance_mark,
     significance_table,
     stats_tables,
 )
+
+
+def html_table(table: pd.DataFrame, escape: bool = True) -> str:
+    """A table as HTML, its index's name in the header's first cell (pandas would give it a row of its own)."""
+    shown = table.copy()
+    if not isinstance(shown.columns, pd.MultiIndex) and shown.index.name:
+        shown.columns.name, shown.index.name = shown.index.name, None
+    return f'<div class="wide">{shown.to_html(escape=escape, classes="table")}</div>'
+
+
+def display(model: str) -> str:
+    return registry.info(model).display if model in registry.MODELS else model
 
 ABLATION_METRICS = ("MRR", "NDCG@10")  # the metrics the significance tests cover
 
@@ -103,17 +122,23 @@ def results_html(name: str, models: list[str], seeds: list[int]) -> str:
     if reference:
         parts.append(MARKS_NOTE.format(reference=html.escape(reference)))
     for title, group, metrics in result_groups(models):
-        for protocol in ordered(summary["protocol"]):
+        for protocol in protocols_of(summary["protocol"]):
             rows = summary[(summary["protocol"] == protocol) & summary["model"].isin(group)]
             if len(rows):
                 cells = marked_results(rows, list(metrics or metrics_of(summary)), p_of)
-                parts.append(f"<h4>{title}, {protocol}</h4>" + cells.to_html(escape=False, classes="table"))
-    if len(sig):
-        wide = significance_table(sig, [m for m in models if m in set(sig["model"])])
-        wide.index = [registry.info(m).display if m in registry.MODELS else m for m in wide.index]
-        parts.append(SIGNIFICANCE_NOTE.format(reference=html.escape(reference)) + wide.to_html(classes="table"))
+                parts.append(f"<h4>{title}, {protocol}</h4>" + html_table(cells, escape=False))
     labels = {m: registry.info(m).display for m in models}
-    parts.append(img_tag(figure_png(plot_results(summary, labels=labels)), f"{name} test MRR"))
+    marks = {(m, p, d): significance_mark(*p_of[(m, p, d, "MRR")]) for (m, p, d, metric) in p_of if metric == "MRR"}
+    ref_model = sig["reference"].iloc[0] if len(sig) else None
+    parts.append(img_tag(figure_png(plot_results(summary, labels=labels, marks=marks, reference=ref_model)), f"{name} test MRR"))
+    if reference:
+        parts.append(f"<p>Bars: test MRR, mean over seeds with the seeds' std; {html.escape(reference)} darker; * and ** "
+                     "as in the tables.</p>")
+    if len(sig):
+        wide = significance_table(sig, [m for m in models if m in set(sig["model"])], labels)
+        wide.index = [display(m) for m in wide.index]
+        wide = wide[[c for p in protocols_of(sig["protocol"]) for c in wide.columns if c.startswith(f"{p} ")]]
+        parts.append(SIGNIFICANCE_NOTE.format(reference=html.escape(reference)) + html_table(wide))
     return "\n".join(parts)
 
 
@@ -132,13 +157,14 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
     shown = ", ".join(html.escape(registry.info(m).display) for m in models)
     parts.append(f"<p>Domains: {domains}. Models compared: {shown}.</p>")
     if first_of_dataset:
-        parts.append("<h3>Dataset statistics</h3>" + stats_tables(stats).to_html(classes="table"))
+        parts.append("<h3>Dataset statistics</h3>" + html_table(stats_tables(stats)))
     parts.append(results_html(name, models, seeds))
     labels = {m: registry.info(m).display for m in models}
     parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, seeds, labels)), f"{name} curves"))
     if first_of_dataset:
         parts.append(explanations_section(artifacts.load_explanations(name)))
-    links = [("prepare", f"{dataset}/prepare.html")]
+    links = [("prepare", f"{dataset}/prepare.html"), ("tags", f"{dataset}/tags.html"),
+             ("features", f"{dataset}/features.html")]
     links += [(f"train {registry.info(m).display}", f"{dataset}/train-{m}.html") for m in models]
     links += [("evaluate", f"{name}/evaluate.html")]
     items = "".join(f'<li><a href="{href}">{html.escape(label)}</a></li>' for label, href in links)
@@ -163,14 +189,19 @@ def deviations_section(params: dict[str, Any], models: list[str]) -> str:
             ours = {**paper, **own}
             if "max_len" not in own:
                 ours["max_len"] = config.get(params, "train.max_len", int)
-            rows = [{"setting": k, "paper": paper[k], "this study": ours[k],
+            rows = [{"setting": k, "paper": setting(paper[k]), "this study": setting(ours[k]),
                      "why": info.why_different.get(k, "") if ours[k] != paper[k] else ""} for k in paper]
-            parts.append(pd.DataFrame(rows).set_index("setting").to_html(classes="table"))
+            parts.append(html_table(pd.DataFrame(rows).set_index("setting")))
         if notes:
             parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     if not parts:
         return ""
     return "<h2 id=\"deviations\">Deviations from the published models</h2>\n" + "\n".join(parts)
+
+
+def setting(value: Any) -> str:
+    """A hyper-parameter as it is written (256, 0.2, 1e-05), not in a column's common float format."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def attention_bar(weight: float | None) -> str:
@@ -223,36 +254,215 @@ def explanations_section(explained: dict[str, Any] | None) -> str:
 
 
 STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 1280px; margin: 2em auto; padding: 0 1em; color: #222; }
 table.table { border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }
-table.table th, table.table td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+table.table th, table.table td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; white-space: nowrap; }
+div.wide { overflow-x: auto; }
 img { max-width: 100%; }
+nav.pages { font-size: 14px; margin: 0.3em 0 1em; }
+nav.pages a, nav.pages b { margin-right: 1.2em; }
+p.provenance { font-size: 12px; color: #555; margin-top: 0; }
+div.findings { border: 2px solid #4c72b0; background: #f3f6fb; padding: 0.6em 1.2em; margin: 1em 0 1.5em; }
+div.findings h2 { margin: 0.2em 0 0.4em; font-size: 1.25em; }
+div.findings p { margin: 0.4em 0; }
+td.above { background: #dcefdc; } td.below { background: #f6dcdc; } td.tied { background: #f2f2f2; }
 """
+
+VERDICT_WORDS = {"above": "significantly above", "below": "significantly below", "tied": "no significant difference"}
+
+
+def fmt_p(p: float) -> str:
+    return f"{p:.2g}"
+
+
+def tally(counts: dict[str, int], opponent: str) -> str:
+    """The verdicts of a set of cells in one clause: 'significantly above the best baseline in 1 of 4 cells, below
+    in none' or 'not significantly different from ... in any of the 4 cells'."""
+    n, above, below = counts["cells"], counts["above"], counts["below"]
+    if not above and not below:
+        return f"not significantly different from {opponent} in any of the {n} cells"
+    parts = []
+    if above:
+        parts.append(f"significantly above {opponent} in {above} of {n} cells")
+    if below:
+        parts.append(f"significantly below {opponent} in {below} of {n} cells" if not above else f"below in {below}")
+    if not below:
+        parts.append("below in none")
+    return ", ".join(parts)
+
+
+def findings_section(shown: list[str], params: dict[str, Any]) -> str:
+    """The box a reader sees first: per table of the page, its reference model (TEMA) against the best baseline of
+    each domain under full ranking (the unbiased protocol), and against TEMA without tags where the table has it,
+    generated from the evaluate stage's significance tests (paired Wilcoxon over test users, Holm within a group)."""
+    tables = config.evaluations(params)
+    parts = []
+    for name in shown:
+        sig = significance_of(name)
+        if not len(sig):
+            continue
+        reference = display(sig["reference"].iloc[0])
+        domains = artifacts.load_stats(tables[name]["dataset"])["domains"]
+        best = best_opponents(sig)
+        full = best[best["protocol"] == PRIMARY_PROTOCOL] if len(best) else best
+        lines = []
+        if len(full):
+            lines.append(f"<p><b>{html.escape(name)}</b>: under full ranking, {html.escape(reference)} is "
+                         f"{tally(count_verdicts(full), 'the best baseline')} (domain × metric).</p>")
+            rows = [f"<tr><th>domain</th><th>metric</th><th>{html.escape(reference)}</th><th>best baseline</th>"
+                    "<th>difference</th><th>p</th><th>Holm p</th><th>verdict</th></tr>"]
+            for r in full.itertuples():
+                word = r.verdict.split(" ")[0]
+                rows.append(
+                    f"<tr><td>{r.domain} ({html.escape(domains.get(r.domain, r.domain))})</td><td>{r.metric}</td>"
+                    f"<td>{r.reference_mean:.4f}</td><td>{html.escape(display(r.model))} {r.model_mean:.4f}</td>"
+                    f"<td>{r.difference:+.4f}</td><td>{fmt_p(r.p_value)}</td><td>{fmt_p(r.p_holm)}</td>"
+                    f'<td class="{word}">{VERDICT_WORDS[word]}</td></tr>')
+            lines.append('<div class="wide"><table class="table">' + "".join(rows) + "</table></div>")
+        no_tags = against(sig, "tema-no-tags") if sig["reference"].iloc[0] == "tema" else pd.DataFrame()
+        if len(no_tags):
+            lines.append(f"<p><b>{html.escape(name)}</b>: {html.escape(reference)} is "
+                         f"{tally(count_verdicts(no_tags), 'TEMA without tags')} (both protocols, MRR and NDCG@10).</p>")
+        if lines:
+            parts.append("\n".join(lines))
+    if not parts:
+        return ""
+    return ('<div class="findings"><h2>Findings</h2>' + "\n".join(parts) +
+            "<p><small>Best baseline: per cell, the baseline with the highest mean test metric. Significance: paired "
+            "two-sided Wilcoxon signed-rank test over test users (each user's metric averaged over seeds), p &lt; 0.05; "
+            "Holm p: after Holm's correction over the table's tests against its baselines. Details per table below."
+            "</small></p></div>")
+
+
+def git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=config.repo_root(), capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def profile_name() -> str | None:
+    """The profile params.yaml was written from (its header, written by `tema profile`)."""
+    path = config.repo_root() / "params.yaml"
+    head = path.read_text(encoding="utf-8")[:400] if path.is_file() else ""
+    found = re.search(r"tema profile ([\w.-]+)", head)
+    return found.group(1) if found else None
+
+
+def hours(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def provenance_line(shown: list[str], params: dict[str, Any]) -> str:
+    """Commit, profile, seeds and the training time behind the page, in one line (no clock time: a page rendered
+    again from the same runs is the same file)."""
+    tables = config.evaluations(params)
+    runs = {(tables[t]["dataset"], m) for t in shown for m in tables[t]["models"]}
+    seeds = seeds_of(params)
+    seconds, devices, n_runs = 0.0, set(), 0
+    for dataset, model in sorted(runs):
+        for seed in seeds:
+            try:
+                summary = artifacts.load_run_summary(dataset, model, seed)
+            except FileNotFoundError:
+                continue
+            seconds += float(summary.get("train_seconds", 0.0))
+            devices.add(str(summary.get("device", "?")))
+            n_runs += 1
+    commit = git("rev-parse", "--short=10", "HEAD")
+    when = git("log", "-1", "--format=%cs") if commit else None
+    changed = git("status", "--porcelain", "--", "tema", "notebooks", "dvc.yaml", "profiles") if commit else None
+    code = f"code at commit <code>{commit}</code> ({when})" if commit else "code outside a git checkout"
+    if changed:
+        code += " with local changes to the code"
+    profile = profile_name()
+    items = [code, f"profile <code>{html.escape(profile)}</code>" if profile else "params.yaml not written by a profile",
+             f"seeds {', '.join(map(str, seeds))}",
+             f"training time {hours(seconds)} summed over {n_runs} runs ({', '.join(sorted(devices)) or '-'})"]
+    return f'<p class="provenance">{" · ".join(items)}</p>'
+
+
+TEST_PROFILES = ("smoke",)  # its pages are the tests' small stand-ins, not results to link to
+
+
+def pages_nav(page: str, params: dict[str, Any]) -> str:
+    """Links to every result page that some profile writes (profiles/*.yaml), each with the command that makes it;
+    the pages of the current profile first."""
+    from tema import profiles
+
+    pages: dict[str, str | None] = {p: None for p in config.pages(params)}
+    for name in (n for n in profiles.known() if n not in TEST_PROFILES):
+        for p in config.pages(profiles.profile_params(name)):
+            pages.setdefault(p, name)
+    links = []
+    for p, profile in pages.items():
+        label = "results" if p == "index" else p
+        if p == page:
+            links.append(f"<b>{html.escape(label)}</b>")
+        else:
+            hint = f' title="written by: tema profile {html.escape(profile)} &amp;&amp; dvc repro"' if profile else ""
+            links.append(f'<a href="{html.escape(p)}.html"{hint}>{html.escape(label)}</a>')
+    return ('<nav class="pages">Pages: ' + " ".join(links) + " <small>(a page of another profile is written by "
+            "<code>tema profile &lt;name&gt; &amp;&amp; dvc repro</code>; hover a link for its name)</small></nav>")
+
+
+def leaderboard_section(shown: list[str], params: dict[str, Any]) -> str:
+    """For a page of several datasets: each main model's full-ranking test MRR per dataset and domain (mean over
+    seeds), the best of each column in bold."""
+    tables = config.evaluations(params)
+    mains = [t for t in shown if any(registry.info(m).group != "ablation" for m in tables[t]["models"])]
+    if len({tables[t]["dataset"] for t in mains}) < 2:
+        return ""
+    columns = {}
+    for t in mains:
+        summary = pd.read_csv(artifacts.reports_dir(t) / "results.csv")
+        full = summary[(summary["protocol"] == PRIMARY_PROTOCOL) & summary["model"].map(lambda m: registry.info(m).group != "ablation")]
+        for domain in sorted(set(full["domain"])):
+            col = full[full["domain"] == domain].set_index("model")["mean_MRR"]
+            columns[f"{tables[t]['dataset']} {domain}"] = col
+    board = pd.DataFrame(columns)
+    cells = board.map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    for col in board.columns:
+        best = board[col].idxmax()
+        cells.loc[best, col] = f"<b>{cells.loc[best, col]}</b>"
+    cells.index = [display(m) for m in cells.index]
+    cells.index.name = "model"
+    return ("<h2 id=\"leaderboard\">Leaderboard</h2><p>Test MRR under full ranking, mean over seeds, per dataset and "
+            "domain; best per column in bold. Significance is per table, below.</p>" + html_table(cells, escape=False))
 
 
 def build_page(page: str, params: dict[str, Any]) -> Path:
-    """reports/<page>.html: the sections of the page's evaluation tables (config.pages), then the deviations."""
+    """reports/<page>.html: links to the other pages, the provenance, the findings, then the sections of the page's
+    evaluation tables (config.pages) and the deviations."""
     schema.check(params)
     shown = config.pages(params).get(page)
     if shown is None:
         raise config.ParamsError(f"params.yaml: no page {page!r} under 'pages'; pages: {sorted(config.pages(params))}")
     tables = config.evaluations(params)
     models = list(dict.fromkeys(m for t in shown for m in tables[t]["models"]))
-    toc = "".join(f'<li><a href="#{html.escape(t)}">{html.escape(t)}</a></li>' for t in shown)
+    board = leaderboard_section(shown, params)
+    toc = '<li><a href="#leaderboard">Leaderboard</a></li>' if board else ""
+    toc += "".join(f'<li><a href="#{html.escape(t)}">{html.escape(t)}</a></li>' for t in shown)
     toc += '<li><a href="#deviations">Deviations from the published models</a></li>'
     seen: set[str] = set()
     sections = []
     for t in shown:
         sections.append(dataset_section(t, params, first_of_dataset=tables[t]["dataset"] not in seen))
         seen.add(tables[t]["dataset"])
-    body = "\n".join(sections) + "\n" + deviations_section(params, models)
+    body = board + "\n" + "\n".join(sections) + "\n" + deviations_section(params, models)
+    title = "TEMA study: results" + ("" if page == "index" else f" ({page})")
     text = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>TEMA study: results</title><style>{STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
-<h1>TEMA study: results</h1>
-<p>Cross-domain sequential recommendation on Amazon benchmarks, reproduced by <code>dvc repro</code>
-(see README.md). Models: {", ".join(html.escape(registry.info(m).display) for m in models)}.
-The full notebook of this page: <a href="report-{html.escape(page)}.html">report-{html.escape(page)}.html</a>.</p>
+<h1>{html.escape(title)}</h1>
+{pages_nav(page, params)}
+{provenance_line(shown, params)}
+{findings_section(shown, params)}
+<p>Cross-domain sequential recommendation: each model predicts a user's next item in each of two domains from the
+merged history. Models: {", ".join(html.escape(display(m)) for m in models)}. Reproduced by <code>dvc repro</code>
+(README.md); the notebook behind this page: <a href="report-{html.escape(page)}.html">report-{html.escape(page)}.html</a>.</p>
 <ul>{toc}</ul>
 {body}
 </body></html>

@@ -80,6 +80,46 @@ def test_smoke_pipeline_reports_every_model_protocol_and_domain(smoke_repo):
     nb = json.loads((smoke_repo / "reports/food-kitchen/train-sasrec.ipynb").read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
     assert outputs and not any(o.get("name") == "stderr" for o in outputs)
+    # ... but the epoch log as a table and the curves as an image (figures show in stage reports)
+    html_outputs = "".join("".join(o.get("data", {}).get("text/html", "")) for o in outputs)
+    assert "(kept)" in html_outputs and "checkpoint epoch" in html_outputs
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    tags_nb = (smoke_repo / "reports/food-kitchen/tags.ipynb").read_text()
+    assert '"provenance\\n' not in tags_nb and "llm.model" in tags_nb  # provenance as a table, not raw JSON
+
+
+@pytest.mark.slow
+def test_the_first_screen_states_the_finding_and_links_every_page(smoke_repo):
+    index = (smoke_repo / "reports/index.html").read_text()
+    first_section = index.index('<h2 id="')
+    box = index.index('<div class="findings">')
+    assert box < first_section and index.index('<nav class="pages">') < box
+    findings = index[box:first_section]
+    assert "under full ranking, TEMA is" in findings and "the best baseline" in findings
+    assert "TEMA without tags" in findings  # the smoke tables compare tema-no-tags
+    assert 'class="provenance"' in index and "profile <code>smoke</code>" in index and "seeds 1, 2" in index
+    assert 'href="full.html"' in index and 'href="art-office.html"' in index  # the other profiles' pages
+    assert 'href="food-kitchen/tags.html"' in index and 'href="food-kitchen/features.html"' in index
+    assert "SASRec+text" in index and "sasrec-text</th>" not in index  # display names
+    assert re.search(r"<th>split</th>\s*<th>examples</th>", index)  # the index's name heads its column, no empty row
+    assert index.index("Main results, full") < index.index("Main results, sampled-999")  # full ranking first
+    assert '<h2 id="leaderboard">' in index  # a page of two datasets
+
+
+@pytest.mark.slow
+def test_dvc_metrics_and_plots_show_headline_numbers_and_offline_curves(smoke_repo):
+    headline = json.loads((smoke_repo / "reports/food-kitchen/headline.json").read_text())
+    assert sorted(headline) == sorted(["MRR_A", "MRR_B", "NDCG@10_A", "NDCG@10_B", "rival_MRR_A", "rival_MRR_B"])
+    shown = sh("dvc", "metrics", "show", cwd=smoke_repo).splitlines()
+    assert len(shown) == 1 + 3 and max(map(len, shown)) <= 120, shown  # a row per table of the smoke profile
+    curves = (smoke_repo / "reports/curves/food-kitchen.csv").read_text().splitlines()
+    assert curves[0] == "model,epoch,valid_score,loss" and {line.split(",")[0] for line in curves[1:]} >= {"SASRec", "TEMA"}
+    sh("dvc", "plots", "show", "-o", "plots-out", cwd=smoke_repo)
+    page = (smoke_repo / "plots-out/index.html").read_text()
+    assert "<script src=" not in page and "vega-embed" in page  # Vega inlined: the page needs no network
+    for table in ("food-kitchen", "food-kitchen-ablations", "art-office"):
+        assert f"reports/curves/{table}.csv" in page
+    assert '"field": "model"' in page or '"field":"model"' in page  # a line per model
 
 
 @pytest.mark.slow

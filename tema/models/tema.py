@@ -454,7 +454,7 @@ for _name, (_display, _fixed) in ABLATIONS.items():
     _ablation(_name, _display, _fixed)
 
 
-@register("sasrec-text", display="SASRec-text", group="baseline")
+@register("sasrec-text", display="SASRec+text", group="baseline")
 class SASRecText(ReadsFeatures, SequenceRecommender):
     """SASRec over item ID + frozen text vectors (no tags, no domain streams): what text alone adds."""
 
