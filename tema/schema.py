@@ -177,7 +177,8 @@ HYPER_RULES: dict[str, Rule] = {
     "dim": integer(1), "blocks": integer(1), "heads": integer(1), "layers": integer(1),
     "dropout": number(0, 1, high_open=True), "lr": number(0, low_open=True), "weight_decay": number(0),
     "max_len": integer(1), "lam": number(0, 1), "loss_positions": integer(1), "aux_weight": number(0),
-    "tag_attention": boolean, "cross_attention": boolean, "text": boolean, "visual": boolean,
+    "tag_attention": boolean, "cross_attention": boolean, "text": boolean, "visual": boolean, "gate": boolean,
+    "tag_dropout": number(0, 1, high_open=True), "tag_noise": number(0, 1), "tag_noise_seed": integer(),
 }
 INJECTED = ("features",)  # the features stage's arrays, handed to a model by the trainer (tema.training)
 
@@ -261,7 +262,8 @@ def _structure(params: dict[str, Any]) -> Section:
         "evaluate": Key(EVALUATE),
         "model_params": Key(lambda v: None if isinstance(v, dict) else "a mapping of model name to its hyper-parameters"),
         "tune": Key({"trials": Key(integer(1)), "seed": Key(integer()), "space": Key(lambda v: None),
-                     "model_space": Key(lambda v: None, required=False)}, required=False),
+                     "model_space": Key(lambda v: None, required=False), "designs": Key(lambda v: None, required=False)},
+                    required=False),
         "llm": Key(llm_section()),
         "tags": Key(tags_section(params)),
         "features": Key(FEATURES),
@@ -432,6 +434,24 @@ def _model_checks(params: dict[str, Any]) -> list[str]:
                     errors.append(f"tune.model_space.{name}.{key}: unknown key; {name} accepts {sorted(accepted)}")
                 else:
                     check_value(values, list_of(accepted[key]), f"tune.model_space.{name}.{key}", errors)
+    designs = tune.get("designs") or {}
+    if not isinstance(designs, dict):
+        errors.append(f"tune.designs: expected a mapping of model to a list of variants, got {_show(designs)}")
+        designs = {}
+    for name, variants in designs.items():
+        if name not in registry.MODELS:
+            errors.append(f"tune.designs.{name}: unknown model; expected one of {registered}")
+        elif not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
+            errors.append(f"tune.designs.{name}: expected a list of variants, each a mapping of the settings it changes, "
+                          f"got {_show(variants)}")
+        else:
+            accepted = accepted_hyper(name)
+            for i, variant in enumerate(variants):
+                for key, value in variant.items():
+                    if key not in accepted:
+                        errors.append(f"tune.designs.{name}[{i}].{key}: unknown key; {name} accepts {sorted(accepted)}")
+                    else:
+                        check_value(value, accepted[key], f"tune.designs.{name}[{i}].{key}", errors)
     return errors
 
 

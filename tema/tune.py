@@ -7,6 +7,8 @@ For the claim "TEMA beats strong baselines" to be honest, the baselines get the 
   `tune.seed`, from the grid of `tune.space` (only the keys the model's configuration already has:
   learning rate, dropout, ...) and `tune.model_space.<model>` (its own knobs, such as TEMA's aux_weight
   or C2DSR's lambda); TEMA's ablations are not tuned apart: they inherit TEMA's settings, tuned ones included;
+- a design search (`tune.designs.<model>`: a list of variants, each the settings it changes, such as
+  TEMA's side_info or gate) replaces the draw with those variants, within the same number of trials;
 - every trial is one training run of tema.training.train_run with the study's `train` settings (the same
   epoch limit, patience and early stopping) and the seed `tune.seed`; it is scored by the validation MRR
   of its selected epoch. The test split is never read;
@@ -114,12 +116,41 @@ def check_tune_params(params: dict[str, Any], models: list[str]) -> None:
     for key in shared:
         if not any(key in accepted_keys(m) for m in registry.MODELS):
             raise config.ParamsError(f"params.yaml: 'tune.space.{key}' is a parameter of no model")
+    designs = config.get(params, "tune", dict).get("designs") or {}
+    if not isinstance(designs, dict):
+        raise config.ParamsError(f"params.yaml: 'tune.designs' must be a mapping of model: [variants], got {designs!r}")
+    for name in designs:
+        if name not in registry.MODELS:
+            raise config.ParamsError(f"params.yaml: 'tune.designs.{name}' names no registered model; registered: {sorted(registry.MODELS)}")
+        designs_of(params, name)
+
+
+def designs_of(params: dict[str, Any], model: str) -> list[dict[str, Any]] | None:
+    """tune.designs.<model> (optional): a list of named variants, each a mapping of the settings it changes."""
+    designs = (config.get(params, "tune", dict).get("designs") or {}).get(model)
+    if designs is None:
+        return None
+    where = f"params.yaml: 'tune.designs.{model}'"
+    if not isinstance(designs, list) or not all(isinstance(d, dict) and d for d in designs):
+        raise config.ParamsError(f"{where} must be a list of non-empty mappings of key: value, got {designs!r}")
+    accepted = accepted_keys(model)
+    for i, design in enumerate(designs):
+        for key in design:
+            if key not in accepted:
+                raise config.ParamsError(f"{where}[{i}].{key} is not a parameter of {model}; expected one of {sorted(accepted)}")
+    return designs
 
 
 def trial_configs(params: dict[str, Any], model: str, base: dict[str, Any], trials: int, seed: int) -> list[dict[str, Any]]:
-    """Trial 0 = base; then up to trials-1 distinct grid points, drawn with `seed` (the same draw on every machine)."""
+    """Trial 0 = base; then up to trials-1 distinct grid points, drawn with `seed` (the same draw on every machine).
+
+    A model with `tune.designs.<model>` is searched over those variants instead of the grid: trial k is the base
+    with design k's settings, for the first trials-1 designs (the same budget: a design search replaces the draw)."""
     if trials < 1:
         raise config.ParamsError(f"the number of trials (tune.trials or --trials) must be >= 1, got {trials}")
+    designs = designs_of(params, model)
+    if designs is not None:
+        return [dict(base)] + [{**base, **d} for d in designs[: trials - 1]]
     space = search_space(params, model, base)
     size = int(np.prod([len(v) for v in space.values()])) if space else 0
     if size > MAX_GRID:

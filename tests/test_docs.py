@@ -23,12 +23,7 @@ MAX_README_LINES = 200
 INSTALL = 'python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e ".[dev]" && dvc repro'
 TESTS = ". .venv/bin/activate && ruff check . && python -m pytest -q"
 # (citing file, *.md name) pairs that may name no file of the repository, each with its reason. Keep it empty.
-ALLOWED_MISSING: dict[tuple[str, str], str] = {
-    # TEMPORARY: tema/models/tema.py is being edited elsewhere; its two references become docs/method.md's sections
-    # "Item representation" / "Tag-enriched multi-attention" (line 4) and "Ablations" (the ABLATIONS comment).
-    # Remove this entry with that edit.
-    ("tema/models/tema.py", "design.md"): "being replaced by docs/method.md in the pending edit of tema/models/tema.py",
-}
+ALLOWED_MISSING: dict[tuple[str, str], str] = {}
 
 FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")

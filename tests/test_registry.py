@@ -20,7 +20,7 @@ def test_every_model_says_what_it_is():
     assert registry.names("baseline") == ["sasrec", "c2dsr", "gru4rec", "popularity", "sasrec-text"]
     assert registry.names("ours") == ["tema"] and registry.names("ablation") == TEMA_ABLATIONS
     assert [registry.display(n) for n in ("sasrec-text", "tema", "tema-no-tags", "c2dsr")] == \
-        ["SASRec-text", "TEMA", "TEMA w/o tags", "C2DSR"]
+        ["SASRec+text", "TEMA", "TEMA w/o tags", "C2DSR"]
     assert registry.group("tema") == "ours" and registry.group("tema-no-text") == "ablation"
     with pytest.raises(KeyError, match="unknown model 'bert4rec'"):
         registry.info("bert4rec")
@@ -43,7 +43,7 @@ def test_features_readers_and_deviations():
     assert tema and c2dsr and all(isinstance(d, str) and d for d in tema + c2dsr)
     assert all(registry.info(n).deviations == tema for n in TEMA_ABLATIONS)  # an ablation shares its base's
     assert not any(registry.info(n).deviations for n in ("popularity", "gru4rec", "sasrec", "sasrec-text"))
-    assert dict(registry.info("tema-no-tags").choices) == {"tags": ("weighted", "mean", "none")}
+    assert dict(registry.info("tema-no-tags").choices) == {"tags": ("weighted", "mean", "none"), "side_info": ("fused", "noninvasive")}
     c2dsr = registry.info("c2dsr")  # the published settings beside ours, and why they differ
     assert c2dsr.paper_hyper["dim"] == 256 and set(c2dsr.why_different) <= set(c2dsr.paper_hyper)
     assert not registry.info("tema").paper_hyper and not registry.info("tema-no-tags").paper_hyper

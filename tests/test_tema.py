@@ -209,3 +209,94 @@ def test_without_images_the_visual_switch_changes_nothing():
         items = with_images.items
         no_vis = items.ids.weight[[1, 2]] + items.p_text(items.text[[1, 2]]) + items.tag_fusion(torch.tensor([1, 2]))
     assert torch.allclose(e[0], no_vis[0], atol=1e-6) and not torch.allclose(e[1], no_vis[1], atol=1e-3)
+
+
+# -- tag enrichment that cannot hurt: gates, non-invasive side information, tag dropout, tag noise, diagnostics --
+
+def with_tag_table(features: dict) -> dict:
+    """bank() plus the features' tags table (tags 0-5 are in both domains' vocabularies here)."""
+    import pandas as pd
+
+    return {**features, "tags": pd.DataFrame({"tag_id": range(6), "tag": list("abcdef"), "in_A": [True] * 4 + [False] * 2,
+                                              "in_B": [False] * 2 + [True] * 4})}
+
+
+def test_gated_tema_starts_as_itself_without_tags_and_can_open_the_tag_path():
+    other_tags = {**bank(), "tag_vectors": bank(seed=1)["tag_vectors"]}
+    history = [[1, 2, N_A + 1, 3]]
+    with torch.no_grad():  # at initialisation the tags cannot move a score
+        assert torch.equal(model(gate=True).score(history, "B"), model(gate=True, features=other_tags).score(history, "B"))
+    m = model(gate=True)
+    assert m.items.gates["tags"].item() == 0.0 and m.items.gates["text"].item() == 1.0
+    assert m.streams_[0].tag_attention.gate.item() == 0.0
+    seqs = torch.tensor([[1, 2, N_A + 1, 3]])
+    loss = m.train().training_loss(seqs, torch.tensor([[2, N_A + 1, 3, 4]]), "full", 0)
+    loss.backward()
+    assert m.items.gates["tags"].grad.abs().item() > 0 and m.streams_[0].tag_attention.gate.grad.abs().item() > 0
+    with torch.no_grad():
+        m.items.gates["tags"].fill_(1.0)
+        m.eval()
+        opened = m.score(history, "B")
+    assert not torch.equal(opened, model(gate=True).score(history, "B"))
+
+
+def test_non_invasive_side_information_shapes_attention_but_never_the_values():
+    other = {**bank(), "tag_vectors": bank(seed=1)["tag_vectors"], "text": bank(seed=2)["text"]}
+    single, longer = [[N_A + 4]], [[1, 2, N_A + 1, 3, N_A + 4]]
+    with torch.no_grad():
+        ni, ni_other = model(side_info="noninvasive"), model(side_info="noninvasive", features=other)
+        # one history item: every attention reads only itself, so only the ID stream reaches the output
+        assert torch.allclose(ni.score(single, "B"), ni_other.score(single, "B"), atol=1e-6)
+        assert not torch.allclose(ni.score(longer, "B"), ni_other.score(longer, "B"), atol=1e-4)  # the scores read them
+        fused, fused_other = model(), model(features=other)
+        assert not torch.allclose(fused.score(single, "B"), fused_other.score(single, "B"), atol=1e-4)
+        assert torch.equal(ni.domain_table(1, "cpu"), ni.items.ids(torch.arange(N_A + 1, N_A + N_B + 1)))  # ID output
+    with pytest.raises(ValueError, match="side_info"):
+        model(side_info="early")
+    why = model(side_info="noninvasive").explain([1, 2, N_A + 1, 3], "B")
+    assert sum(why["tag_attention"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_tag_dropout_drops_whole_tags_at_training_time_only():
+    m = model(tag_dropout=0.5)
+    rows = torch.arange(1, N_A + N_B + 1)
+    with torch.no_grad():
+        assert (m.items.tag_weights(rows) > 0).sum() == (m.items.item_tags[rows] > 0).sum()  # eval: every tag
+        m.train()
+        torch.manual_seed(3)
+        kept = (m.items.tag_weights(rows) > 0).float().mean().item()
+    assert 0.35 < kept < 0.65
+    with pytest.raises(ValueError, match="tag_dropout"):
+        model(tag_dropout=1.0)
+
+
+def test_tag_noise_replaces_tags_by_random_tags_of_the_items_domain_seeded():
+    from tema.models.tema import noisy_tags
+
+    features = with_tag_table(bank())
+    ids = features["item_tag_ids"]
+    domains = dict(SPACE.domain_ranges)
+    assert np.array_equal(noisy_tags(ids, features["tags"], domains, 0.0, 0), ids)
+    full = noisy_tags(ids, features["tags"], domains, 1.0, 0)
+    assert np.array_equal(full >= 0, ids >= 0)  # items keep their number of tags
+    assert set(np.unique(full[:N_A][full[:N_A] >= 0])) <= {0, 1, 2, 3}  # A's vocabulary
+    assert set(np.unique(full[N_A:][full[N_A:] >= 0])) <= {2, 3, 4, 5}
+    half = noisy_tags(ids, features["tags"], domains, 0.5, 0)
+    assert np.array_equal(half, noisy_tags(ids, features["tags"], domains, 0.5, 0))  # seeded
+    changed = ((half != ids) & (ids >= 0)).sum() / (ids >= 0).sum()
+    assert 0.2 < changed < 0.5  # half replaced, some by the same tag
+    m = model(features=features, tag_noise=1.0)
+    assert not torch.equal(m.items.item_tags[1:].cpu(), torch.as_tensor(ids.astype(np.int64) + 1))
+
+
+def test_diagnostics_measure_scale_gates_and_how_uniform_the_tag_attention_is():
+    histories = [[1, 2, N_A + 1, 3, N_A + 5], [4, 5, 6, 7], [N_A + 2, N_A + 3, 8]]
+    d = model(gate=True).diagnostics(histories)
+    assert set(d["scale"]) == {"id", "text", "tags (g)", "tags (gated)"} and d["scale"]["tags (gated)"] == 0.0
+    assert d["gates"]["tags"] == 0.0 and d["rank_prior_weight"] == 1.0
+    assert d["tag_attention"]["histories"] == 3 and 0 < d["tag_attention"]["normalised_entropy_mean"] < 1
+    same = bank()
+    same["item_tag_ids"] = np.tile(same["item_tag_ids"][:1], (N_A + N_B, 1))  # every item has the same tags: same keys
+    uniform = model(features=same).diagnostics(histories)["tag_attention"]
+    assert uniform["share_uniform"] == 1.0 and uniform["normalised_entropy_min"] == pytest.approx(1.0, abs=1e-5)
+    assert model("tema-no-tags").diagnostics(histories).get("tag_attention") is None

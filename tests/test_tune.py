@@ -35,6 +35,25 @@ def test_trials_start_from_the_configured_model_and_draw_only_its_keys():
     assert tune.trial_configs(PARAMS, "popularity", {}, 4, seed=1) == [{}]
 
 
+def test_a_design_search_tries_the_listed_variants_within_the_same_budget():
+    designs = [{"side_info": "noninvasive"}, {"gate": True}, {"gate": True, "tag_dropout": 0.3}]
+    params = {"tune": {**PARAMS["tune"], "designs": {"tema": designs}}}
+    base = {"dim": 16, "dropout": 0.2, "lr": 0.001}
+    configs = tune.trial_configs(params, "tema", base, 3, seed=1)
+    assert configs == [base, {**base, **designs[0]}, {**base, **designs[1]}]  # trial 0, then the designs in order
+    assert len(tune.trial_configs(params, "tema", base, 10, seed=1)) == 4
+    assert tune.trial_configs(params, "gru4rec", base, 3, seed=1)[0] == base  # other models keep their grid draw
+    bad = {"tune": {**PARAMS["tune"], "designs": {"tema": [{"gates": True}]}}}
+    with pytest.raises(config.ParamsError, match=r"tune\.designs\.tema'\[0\]\.gates is not a parameter of tema"):
+        tune.trial_configs(bad, "tema", base, 3, seed=1)
+    from tema import schema
+
+    designs = {"tema": [{"side_info": "early"}], "nosuch": [{}]}
+    errors = schema._model_checks({"models": [], "model_params": {}, "tune": {**PARAMS["tune"], "designs": designs}})
+    assert any(e.startswith("tune.designs.tema[0].side_info") for e in errors), errors
+    assert any(e.startswith("tune.designs.nosuch: unknown model") for e in errors), errors
+
+
 def test_bad_tuning_params_name_the_parameter():
     bad = {"tune": {**PARAMS["tune"], "model_space": {"gru4rec": {"heads": [1, 2]}}}}
     with pytest.raises(config.ParamsError, match=r"tune\.model_space\.gru4rec\.heads' is not a parameter of gru4rec"):

@@ -1,7 +1,7 @@
 """TEMA: tag-enriched multi-attention for cross-domain sequential recommendation (Wu et al., 2025).
 
 The paper's full text is not available here; this follows the reconstruction in the study's design
-(design.md, "Item representation" and "Tag-Enriched Multi-Attention"). It reads top to bottom:
+(docs/method.md, "Item representation" and "Tag-enriched multi-attention"). It reads top to bottom:
 
 1. Item representation: e_i = E_id[i] + P_text t_i + m_i P_vis v_i + g_i, from the frozen vectors of the
    features stage (text t_i, image v_i with mask m_i), and the weighted tag fusion
@@ -50,6 +50,7 @@ from tema.models.registry import register
 from tema.models.sasrec import Block, causal_padding_mask
 
 TAG_MODES = ("weighted", "mean", "none")
+SIDE_INFO = ("fused", "noninvasive")  # where side information enters: the item vectors, or the attention scores only
 
 # Registered with TEMA and its ablations (tema.models.registry); printed in the report's "Deviations" section.
 DEVIATIONS = [
@@ -104,8 +105,15 @@ class ItemRepresentation(nn.Module):
     arrays are read again from the features stage when a run is loaded.
     """
 
-    def __init__(self, n_items: int, dim: int, bank: dict[str, Any], text: bool, visual: bool, tags: str):
+    def __init__(self, n_items: int, dim: int, bank: dict[str, Any], text: bool, visual: bool, tags: str,
+                 gate: bool = False, tag_dropout: float = 0.0, tag_noise: float = 0.0, tag_noise_seed: int = 0,
+                 domains: dict[str, tuple[int, int]] | None = None):
         super().__init__()
+        if not 0.0 <= tag_dropout < 1.0:
+            raise ValueError(f"model_params: 'tag_dropout' must be in [0, 1), got {tag_dropout!r}")
+        if not 0.0 <= tag_noise <= 1.0:
+            raise ValueError(f"model_params: 'tag_noise' must be in [0, 1], got {tag_noise!r}")
+        self.tag_dropout = tag_dropout
         if tags not in TAG_MODES:
             raise ValueError(f"model_params: 'tags' must be one of {TAG_MODES}, got {tags!r}")
         self.ids = nn.Embedding(n_items + 1, dim, padding_idx=0)
@@ -136,7 +144,10 @@ class ItemRepresentation(nn.Module):
                              "tema-no-tags instead, or give the dataset a tag source")
         self.tag_mode = tags
         if self.tag_mode != "none":
-            ids = _padded(np.asarray(bank["item_tag_ids"]).astype(np.int64) + 1, torch.long)
+            tag_ids = np.asarray(bank["item_tag_ids"]).astype(np.int64)
+            if tag_noise:
+                tag_ids = noisy_tags(tag_ids, bank["tags"], domains or {}, tag_noise, tag_noise_seed)
+            ids = _padded(tag_ids + 1, torch.long)
             self._check_rows(ids, n_items, "item_tag_ids.npy")
             ranks = _padded(np.asarray(bank["item_tag_ranks"]).astype(np.float32), torch.float32)
             self.register_buffer("item_tags", ids, persistent=False)
@@ -149,6 +160,12 @@ class ItemRepresentation(nn.Module):
                 self.a_tag = nn.Linear(dim, 1, bias=False)
                 nn.init.zeros_(self.a_tag.weight)  # with b = 1, the fusion starts at the rank prior: alpha ~ 1/rank
                 self.b_rank = nn.Parameter(torch.ones(()))
+        # Gates (gate: True): one learned scalar per side-information term, e = E_id + sum_s gamma_s term_s, with the
+        # tag gate at 0 and the others at 1, so that the model starts as itself without tags and opens the tag path
+        # only as far as the training loss pays for it.
+        self.gates = nn.ParameterDict(
+            {name: nn.Parameter(torch.tensor(0.0 if name == "tags" else 1.0)) for name in self.terms()}
+        ) if gate else None
 
     @staticmethod
     def _check_rows(tensor: torch.Tensor, n_items: int, name: str) -> None:
@@ -159,10 +176,19 @@ class ItemRepresentation(nn.Module):
     def has_tags(self) -> bool:
         return self.tag_mode != "none"
 
+    def terms(self) -> list[str]:
+        """The side-information terms this representation adds to the ID embedding."""
+        return [name for name, on in (("text", self.use_text), ("visual", self.use_visual), ("tags", self.has_tags)) if on]
+
+    def gate(self, name: str) -> torch.Tensor | float:
+        return 1.0 if self.gates is None else self.gates[name]
+
     def tag_weights(self, rows: torch.Tensor) -> torch.Tensor:
         """alpha [*rows, K]: the fusion weights of each item's tags (zeros for an item without tags)."""
         ids = self.item_tags[rows]
         present = ids > 0
+        if self.training and self.tag_dropout:  # tag dropout: whole tags of an item left out at training time
+            present = present & (torch.rand(ids.shape, device=ids.device) >= self.tag_dropout)
         if self.tag_mode == "mean":
             logits = torch.zeros(ids.shape, device=ids.device)
         else:
@@ -184,16 +210,34 @@ class ItemRepresentation(nn.Module):
             return torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
         return (self.item_tags[rows] > 0).any(-1)
 
+    def side(self, rows: torch.Tensor, tags: torch.Tensor | None = None) -> torch.Tensor:
+        """The side information of rows [*rows, dim]: the (gated) sum of the text, visual and tag terms."""
+        s = torch.zeros((*rows.shape, self.ids.embedding_dim), device=rows.device)
+        if self.use_text:
+            s = s + self.gate("text") * self.p_text(self.text[rows])
+        if self.use_visual:
+            s = s + self.gate("visual") * self.visual_mask[rows].unsqueeze(-1) * self.p_vis(self.visual[rows])
+        if self.has_tags:
+            s = s + self.gate("tags") * (self.tag_fusion(rows) if tags is None else tags)
+        return s * (rows > 0).unsqueeze(-1)
+
     def forward(self, rows: torch.Tensor, tags: torch.Tensor | None = None) -> torch.Tensor:
         """e [*rows, dim]; `tags` (the rows' g, when the caller already has it) avoids computing it twice."""
-        e = self.ids(rows)
-        if self.use_text:
-            e = e + self.p_text(self.text[rows])
-        if self.use_visual:
-            e = e + self.visual_mask[rows].unsqueeze(-1) * self.p_vis(self.visual[rows])
-        if self.has_tags:
-            e = e + (self.tag_fusion(rows) if tags is None else tags)
-        return e * (rows > 0).unsqueeze(-1)
+        return self.ids(rows) + self.side(rows, tags)
+
+
+def noisy_tags(ids: np.ndarray, tags: Any, domains: dict[str, tuple[int, int]], p: float, seed: int) -> np.ndarray:
+    """item_tag_ids [n_items, K] (-1 = none) with each tag replaced, independently with probability p, by a tag drawn
+    uniformly from its item's domain vocabulary (the features' tags table, column in_<domain>); seeded, so every
+    training seed sees the same noisy tags. The tag-noise experiment: at p = 1 the tags carry no information."""
+    rng = np.random.default_rng(seed)
+    out = ids.copy()
+    for domain, (start, stop) in sorted(domains.items()):
+        vocab = np.flatnonzero(np.asarray(tags[f"in_{domain}"], dtype=bool))
+        block = out[start:stop]  # model indices start+1..stop are rows start..stop-1
+        replace = (block >= 0) & (rng.random(block.shape) < p)
+        block[replace] = rng.choice(vocab, int(replace.sum()))
+    return out
 
 
 def gather_rows(seqs: torch.Tensor, fn) -> torch.Tensor:
@@ -235,21 +279,25 @@ def sampled_loss(
 
 
 class CrossAttention(nn.Module):
-    """H <- H + MHA(LN(H), K, K): a query stream reads another sequence of vectors causally."""
+    """H <- H + gamma MHA(LN(H), K, V): a query stream reads another sequence of vectors causally (V = K unless
+    given). gamma is 1, or with gate=True a learned scalar that starts at 0 (the block starts as the identity)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, gate: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.dropout = nn.Dropout(dropout)
+        self.gate = nn.Parameter(torch.zeros(())) if gate else None
         self.last_weights: torch.Tensor | None = None
         self.record = False
 
-    def forward(self, h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out, weights = self.attn(self.norm(h), keys, keys, attn_mask=mask, need_weights=self.record)
+    def forward(self, h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        out, weights = self.attn(self.norm(h), keys, keys if values is None else values, attn_mask=mask,
+                                 need_weights=self.record, average_attn_weights=True)
         if self.record:
             self.last_weights = weights.detach()
-        return h + self.dropout(out)
+        out = self.dropout(out)
+        return h + (out if self.gate is None else self.gate * out)
 
 
 def key_mask(keys_present: torch.Tensor, heads: int) -> torch.Tensor:
@@ -261,32 +309,54 @@ def key_mask(keys_present: torch.Tensor, heads: int) -> torch.Tensor:
     return blocked.repeat_interleave(heads, dim=0)
 
 
+class NonInvasiveBlock(Block):
+    """A level-1 block whose attention scores may read side information that its values do not carry (NOVA, Liu et
+    al., AAAI 2021): queries and keys from LN(H + S), values from LN(H). Without S it is SASRec's block."""
+
+    def scores_input(self, x: torch.Tensor, side: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.norm1(x)
+        return (v if side is None else self.norm1(x + side)), v
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        if side is None:
+            return super().forward(x, mask)
+        qk, v = self.scores_input(x, side)
+        x = x + self.dropout(self.attn(qk, qk, v, attn_mask=mask, need_weights=False)[0])
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
 class Stream(nn.Module):
     """One sequence's encoder: learned positions counted within the stream, then level-1 blocks and (if
     enabled) level-2 tag attention."""
 
-    def __init__(self, dim: int, blocks: int, heads: int, dropout: float, max_len: int, tag_attention: bool):
+    def __init__(self, dim: int, blocks: int, heads: int, dropout: float, max_len: int, tag_attention: bool,
+                 gate: bool = False):
         super().__init__()
         self.heads = heads
         self.positions = nn.Embedding(max_len + 1, dim, padding_idx=0)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(blocks))
-        self.tag_attention = CrossAttention(dim, heads, dropout) if tag_attention else None
+        self.blocks = nn.ModuleList(NonInvasiveBlock(dim, heads, dropout) for _ in range(blocks))
+        self.tag_attention = CrossAttention(dim, heads, dropout, gate=gate) if tag_attention else None
         self.record = False  # explain(): keep the last block's attention weights
         self.last_weights: torch.Tensor | None = None
 
-    def forward(self, seqs: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, tagged: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, tagged: torch.Tensor | None,
+                side: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the items' input vectors; with `side` (non-invasive), x is the ID stream and side shapes the level-1
+        attention scores only, and the tag attention's values are the ID stream instead of the tag vectors g."""
         present = seqs > 0
         position = torch.cumsum(present, dim=1)  # items of this stream so far (0 before its first item)
-        h = self.dropout(x * x.size(-1) ** 0.5 + self.positions(position))
+        scale = x.size(-1) ** 0.5
+        h = self.dropout(x * scale + self.positions(position))
+        s = None if side is None else side * scale
         mask = causal_padding_mask(seqs, self.heads)
         for block in self.blocks:
             if self.record and block is self.blocks[-1]:
-                q = block.norm1(h)
-                self.last_weights = block.attn(q, q, q, attn_mask=mask, need_weights=True)[1].detach()
-            h = block(h, mask)
+                qk, v = block.scores_input(h, s)
+                self.last_weights = block.attn(qk, qk, v, attn_mask=mask, need_weights=True)[1].detach()
+            h = block(h, mask, s)
         if self.tag_attention is not None and g is not None:
-            h = self.tag_attention(h, g, key_mask(present & tagged, self.heads))
+            h = self.tag_attention(h, g, key_mask(present & tagged, self.heads), None if side is None else x)
         return h
 
 
@@ -301,10 +371,14 @@ class TEMAModel(ReadsFeatures, SequenceRecommender):
     def __init__(
         self, space: ItemSpace, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 2, dropout: float = 0.2,
         tags: str = "weighted", tag_attention: bool = True, cross_attention: bool = True, text: bool = True,
-        visual: bool = True, aux_weight: float = 0.5, features: dict[str, Any] | None = None,
+        visual: bool = True, aux_weight: float = 0.5, side_info: str = "fused", gate: bool = False,
+        tag_dropout: float = 0.0, tag_noise: float = 0.0, tag_noise_seed: int = 0, features: dict[str, Any] | None = None,
     ):
         super().__init__(space, max_len)
         given = {"tags": tags, "tag_attention": tag_attention, "cross_attention": cross_attention, "text": text, "visual": visual}
+        if side_info not in SIDE_INFO:
+            raise ValueError(f"model_params: 'side_info' must be one of {SIDE_INFO}, got {side_info!r}")
+        self.noninvasive = side_info == "noninvasive"
         if features is None:
             raise ValueError("TEMA reads the features stage's arrays: pass them as 'features' (tema.training does)")
         if len(space.domain_ranges) != 2:
@@ -314,9 +388,11 @@ class TEMAModel(ReadsFeatures, SequenceRecommender):
         self.ranges = [space.domain_ranges[d] for d in self.domains]
         self.aux_weight = aux_weight
         self.remember_features(features.get("identity", ""))
-        self.items = ItemRepresentation(space.n_items, dim, features, given["text"], given["visual"], given["tags"])
+        self.items = ItemRepresentation(space.n_items, dim, features, given["text"], given["visual"], given["tags"], gate=gate,
+                                        tag_dropout=tag_dropout, tag_noise=tag_noise, tag_noise_seed=tag_noise_seed,
+                                        domains=dict(space.domain_ranges))
         tag_attention = given["tag_attention"] and self.items.has_tags
-        self.streams_ = nn.ModuleList(Stream(dim, blocks, heads, dropout, max_len, tag_attention) for _ in range(3))  # S, A, B
+        self.streams_ = nn.ModuleList(Stream(dim, blocks, heads, dropout, max_len, tag_attention, gate) for _ in range(3))  # S, A, B
         self.cross = nn.ModuleList(CrossAttention(dim, heads, dropout) for _ in range(2)) if given["cross_attention"] else None
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
 
@@ -327,17 +403,18 @@ class TEMAModel(ReadsFeatures, SequenceRecommender):
     def streams(self, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H^S, H^A, H^B [B, L, dim] for left-padded model indices."""
         rows, where = torch.unique(seqs, return_inverse=True)
-        if self.items.has_tags:
-            g_rows = self.items.tag_fusion(rows)
-            x, g, tagged = self.items(rows, g_rows)[where], g_rows[where], self.items.tagged(rows)[where]
+        g_rows = self.items.tag_fusion(rows) if self.items.has_tags else None
+        g, tagged = (None, None) if g_rows is None else (g_rows[where], self.items.tagged(rows)[where])
+        if self.noninvasive:  # values: the ID stream; side information shapes the attention scores
+            x, side = self.items.ids(rows)[where], self.items.side(rows, g_rows)[where]
         else:
-            x, g, tagged = self.items(rows)[where], None, None
-        merged = self.norms[0](self.streams_[0](seqs, x, g, tagged))
+            x, side = self.items(rows, g_rows)[where], None
+        merged = self.norms[0](self.streams_[0](seqs, x, g, tagged, side))
         out = [merged]
         for k in range(2):
             keep = self.in_domain(k, seqs)
-            view = seqs * keep
-            h = self.streams_[k + 1](view, x * keep.unsqueeze(-1), None if g is None else g * keep.unsqueeze(-1), tagged)
+            view, kept = seqs * keep, keep.unsqueeze(-1)
+            h = self.streams_[k + 1](view, x * kept, None if g is None else g * kept, tagged, None if side is None else side * kept)
             if self.cross is not None:
                 h = self.cross[k](h, merged, key_mask(seqs > 0, self.cross[k].attn.num_heads))
             out.append(self.norms[k + 1](h))
@@ -358,22 +435,94 @@ class TEMAModel(ReadsFeatures, SequenceRecommender):
                 weights = torch.cat([torch.ones_like(t, dtype=hs.dtype), torch.full((2 * len(t),), self.aux_weight, device=hs.device)])
             else:
                 hidden, goal, weights = hs + hd, t, None
-            total = total + sampled_loss(hidden, goal, self.items, [self.ranges[k]], loss, n_negatives, weights)
+            total = total + sampled_loss(hidden, goal, self.output_items, [self.ranges[k]], loss, n_negatives, weights)
         return total / max(1, int((targets > 0).sum()))
 
     def user_vectors(self, seqs: torch.Tensor, k: int) -> torch.Tensor:
         merged, ha, hb = self.streams(seqs)
         return merged[:, -1] + (ha, hb)[k][:, -1]
 
+    def output_items(self, rows: torch.Tensor) -> torch.Tensor:
+        """The items' output vectors (tied with the input): the full representation e, or with non-invasive side
+        information the ID embedding alone (side information never enters the value path)."""
+        return self.items.ids(rows) if self.noninvasive else self.items(rows)
+
     def domain_table(self, k: int, device) -> torch.Tensor:
         start, stop = self.ranges[k]
-        return self.items(torch.arange(start + 1, stop + 1, device=device))
+        return self.output_items(torch.arange(start + 1, stop + 1, device=device))
 
     def score(self, histories: list[list[int]], domain: str) -> torch.Tensor:
         device = self.items.ids.weight.device
         k = self.domains.index(domain)
         seqs = pad_histories(histories, self.max_len).to(device)
         return (self.user_vectors(seqs, k) @ self.domain_table(k, device).T).cpu()
+
+    # -- diagnostics -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def diagnostics(self, histories: list[list[int]], batch_size: int = 256, pairs: int = 20000, seed: int = 0) -> dict[str, Any]:
+        """What the tag path of a trained model does (the train stage's report), over the given histories:
+
+        - scale: the mean L2 norm over all items of the ID embedding and of each side-information term as it enters
+          the item vector (after its gate), and of the fused tag vector g itself;
+        - gates (gate=True) and the rank-prior weight b of the tag fusion;
+        - tag attention: the merged stream's level-2 attention at each history's last step, as a normalised
+          entropy H / log n over the n keys it may read (1 = exactly uniform), for histories with n >= 2;
+        - similarity: the mean cosine of random same-domain item pairs, for the ID embeddings and for g (tags that
+          many items share pull their vectors together).
+        """
+        was_training = self.training
+        self.eval()
+        items = self.items
+        device = items.ids.weight.device
+        rows = torch.arange(1, self.space.n_items + 1, device=device)
+        out: dict[str, Any] = {"side_info": "noninvasive" if self.noninvasive else "fused"}
+        scale = {"id": items.ids(rows).norm(dim=-1).mean().item()}
+        if items.use_text:
+            scale["text"] = (items.gate("text") * items.p_text(items.text[rows])).norm(dim=-1).mean().item()
+        g = items.tag_fusion(rows) if items.has_tags else None
+        if g is not None:
+            tagged = items.tagged(rows)
+            scale["tags (g)"] = g[tagged].norm(dim=-1).mean().item()
+            scale["tags (gated)"] = (items.gate("tags") * g[tagged]).norm(dim=-1).mean().item()
+        out["scale"] = scale
+        out["gates"] = {} if items.gates is None else {k: float(v) for k, v in items.gates.items()}
+        for i, stream in enumerate(self.streams_):
+            if stream.tag_attention is not None and stream.tag_attention.gate is not None:
+                out["gates"][f"tag attention ({'SAB'[i]})"] = float(stream.tag_attention.gate)
+        out["rank_prior_weight"] = float(items.b_rank) if items.tag_mode == "weighted" else None
+        rng = np.random.default_rng(seed)
+        similarity = {}
+        for k, (start, stop) in enumerate(self.ranges):
+            a, b = (torch.as_tensor(rng.integers(start + 1, stop + 1, pairs), device=device) for _ in range(2))
+            keep = a != b
+            similarity[f"id {self.domains[k]}"] = F.cosine_similarity(items.ids(a[keep]), items.ids(b[keep])).mean().item()
+            if g is not None:
+                both = keep & items.tagged(a) & items.tagged(b)
+                similarity[f"tags {self.domains[k]}"] = F.cosine_similarity(items.tag_fusion(a[both]), items.tag_fusion(b[both])).mean().item()
+        out["similarity"] = similarity
+        entropies: list[float] = []
+        attention = self.streams_[0].tag_attention
+        if attention is not None:
+            attention.record = True
+            try:
+                for begin in range(0, len(histories), batch_size):
+                    seqs = pad_histories(histories[begin : begin + batch_size], self.max_len).to(device)
+                    self.streams(seqs)
+                    w = attention.last_weights[:, -1, :]  # [B, L], averaged over heads
+                    allowed = (seqs > 0) & items.tagged(seqs)
+                    allowed[:, -1] = True  # a position may always read itself
+                    n = allowed.sum(-1)
+                    h = -(w.clamp_min(1e-12).log() * w * allowed).sum(-1)
+                    ok = n >= 2
+                    entropies += (h[ok] / torch.log(n[ok].float())).tolist()
+            finally:
+                attention.record = False
+        self.train(was_training)
+        if entropies:
+            e = np.asarray(entropies)
+            out["tag_attention"] = {"histories": len(e), "normalised_entropy_mean": float(e.mean()),
+                                    "normalised_entropy_min": float(e.min()), "share_uniform": float((e > 0.999).mean())}
+        return out
 
     # -- explanations ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -418,12 +567,12 @@ class TEMAModel(ReadsFeatures, SequenceRecommender):
         return records
 
 
-@register("tema", display="TEMA", group="ours", deviations=DEVIATIONS, choices={"tags": TAG_MODES})
+@register("tema", display="TEMA", group="ours", deviations=DEVIATIONS, choices={"tags": TAG_MODES, "side_info": SIDE_INFO})
 class TEMA(TEMAModel):
     pass
 
 
-# Ablations: each is TEMA with one switch fixed (design.md) and otherwise TEMA's hyper-parameters; the names are what
+# Ablations: each is TEMA with one switch fixed (docs/method.md, "Ablations") and otherwise TEMA's hyper-parameters; the names are what
 # params.yaml lists under `models`: name -> (display name, fixed switches).
 ABLATIONS = {
     "tema-no-tags": ("TEMA w/o tags", {"tags": "none"}),
