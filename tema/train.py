@@ -17,7 +17,7 @@ import pandas as pd
 
 from tema import artifacts, config, data, schema
 from tema.models import registry
-from tema.training import TrainConfig, data_fingerprint, train_run
+from tema.training import TrainConfig, data_fingerprint, load_run, train_run
 
 
 def model_params(params: dict[str, Any], model: str) -> dict[str, Any]:
@@ -105,3 +105,25 @@ def _train_parallel(dataset_name: str, prepared: Path, model: str, hyper: dict[s
         raise RuntimeError(f"{model} on {dataset_name}: seed(s) {', '.join(map(str, failed))} failed (finished seeds are kept); "
                            f"seed {failed[0]}: {errors[failed[0]]}") from errors[failed[0]]
     return [results[seed] for seed in cfg.seeds]
+
+
+def diagnose(dataset_name: str, model: str, params: dict[str, Any], users: int = 2000) -> pd.DataFrame | None:
+    """What the tag path of each trained seed does (the model's `diagnostics`: scale of each term of the item vector,
+    gates, rank-prior weight, normalised entropy of the tag attention, pair similarity), over the first `users`
+    validation examples; one row per seed. None for a model without diagnostics. Reads no test data."""
+    if not hasattr(registry.info(model).cls, "diagnostics"):
+        return None
+    cfg = TrainConfig.from_params(params)
+    dataset = data.load(dataset_name, config.dataset_dir("prepared", dataset_name))
+    histories = [list(h) for h in dataset.split("valid")["history"][:users]]
+    rows = []
+    for seed in cfg.seeds:
+        found = load_run(dataset, model, model_params(params, model), cfg, artifacts.run_dir(dataset_name, model, seed))
+        report = found.diagnostics(histories)
+        row: dict[str, Any] = {"seed": seed}
+        for group in ("scale", "gates", "similarity", "tag_attention"):
+            for key, value in (report.get(group) or {}).items():
+                row[f"{group}: {key}"] = value
+        row["rank-prior weight"] = report.get("rank_prior_weight")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("seed")

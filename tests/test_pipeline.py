@@ -84,6 +84,8 @@ def test_smoke_pipeline_reports_every_model_protocol_and_domain(smoke_repo):
     html_outputs = "".join("".join(o.get("data", {}).get("text/html", "")) for o in outputs)
     assert "(kept)" in html_outputs and "checkpoint epoch" in html_outputs
     assert any("image/png" in o.get("data", {}) for o in outputs)
+    tema_report = (smoke_repo / "reports/food-kitchen/train-tema.html").read_text()  # TEMA's tag path, diagnosed
+    assert "tag_attention: normalised_entropy_mean" in tema_report and "scale: tags (g)" in tema_report
     tags_nb = (smoke_repo / "reports/food-kitchen/tags.ipynb").read_text()
     assert '"provenance\\n' not in tags_nb and "llm.model" in tags_nb  # provenance as a table, not raw JSON
 

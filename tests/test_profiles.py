@@ -57,7 +57,9 @@ def test_a_profile_extends_another_and_the_derived_keys_follow_its_tables(repo):
 
 def test_runs_are_the_models_each_dataset_is_compared_on(repo):
     full = profiles.profile_params("full")
-    assert set(full["runs"]) == {f"{d}-{m}" for d in ("food-kitchen", "art-office") for m in full["models"]}
+    noise = {"tema-tag-noise-50", "tema-tag-noise-100"}  # the tag-noise experiment runs on art-office only
+    assert set(full["runs"]) == {f"{d}-{m}" for d in ("food-kitchen", "art-office") for m in full["models"]
+                                 if d == "art-office" or m not in noise}
     profile(repo, "two", {"datasets": ["food-kitchen", "mine"], "evaluations": {
         "food-kitchen": {"dataset": "food-kitchen", "models": ["sasrec", "tema"]},
         "mine": {"dataset": "mine", "models": ["gru4rec", "tema-no-tags"], "reference": "tema-no-tags"}}})

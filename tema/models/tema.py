@@ -581,6 +581,9 @@ ABLATIONS = {
     "tema-no-cross-attention": ("TEMA w/o cross-attention", {"cross_attention": False}),
     "tema-no-text": ("TEMA w/o text", {"text": False}),
     "tema-no-visual": ("TEMA w/o visual", {"visual": False}),
+    # the tag-noise experiment: a seeded share of each item's tags replaced by random tags of its domain (noisy_tags)
+    "tema-tag-noise-50": ("TEMA, 50% random tags", {"tag_noise": 0.5}),
+    "tema-tag-noise-100": ("TEMA, random tags", {"tag_noise": 1.0}),
 }
 
 
