@@ -206,9 +206,11 @@ def train_trials(dataset_name: str, prepared: Path, plans: dict[str, list[dict[s
 
 
 def kept_rows(path: Path, out_dir: Path, models: list[str]) -> pd.DataFrame | None:
-    """The rows of an earlier tuning.csv for models other than `models` whose trials are still the finished runs in
-    `out_dir` (same fingerprint): a search over some models keeps what was found for the others. Rows whose run is
-    gone or was re-trained since (another dataset size, other code) are dropped, with a message."""
+    """The rows of an earlier tuning.csv for models other than `models` that still stand: a search over some models
+    keeps what was found for the others. A row stands while its trial is the finished run in `out_dir` with the same
+    fingerprint, or while that run is not on this machine at all (data/tuning does not travel with the repository:
+    a committed table is not thrown away on a fresh clone). Rows whose run was re-trained since (another dataset size,
+    other code: another fingerprint) are dropped, with a message."""
     if not path.exists():
         return None
     old = pd.read_csv(path, dtype={"fingerprint": str})
@@ -218,15 +220,17 @@ def kept_rows(path: Path, out_dir: Path, models: list[str]) -> pd.DataFrame | No
 
     def current(row) -> bool:
         run_json = out_dir / row.model / f"trial{row.trial}" / "run.json"
-        if "fingerprint" not in old.columns or not run_json.exists():
+        if "fingerprint" not in old.columns:
             return False
+        if not run_json.exists():
+            return not (out_dir / row.model).exists()  # a model never tuned on this machine: its rows stand as recorded
         return json.loads(run_json.read_text(encoding="utf-8")).get("fingerprint") == row.fingerprint
 
     keep = np.array([current(row) for row in old.itertuples(index=False)], dtype=bool)
     dropped = sorted(set(old.loc[~keep, "model"]))
     if dropped:
-        print(f"{path}: dropping the earlier rows of {dropped}: their trial runs in {out_dir} are gone or were "
-              "re-trained since (tune them again to list them)", file=sys.stderr)
+        print(f"{path}: dropping the earlier rows of {dropped}: their trial runs in {out_dir} were re-trained since "
+              "or are missing (tune them again to list them)", file=sys.stderr)
     return old[keep] if keep.any() else None
 
 

@@ -184,3 +184,9 @@ def test_tuning_models_one_at_a_time_keeps_the_earlier_rows_while_their_runs_sta
     table = tune.run("synthetic", params, models=["sasrec"])
     assert list(zip(table["model"], table["trial"])) == [("gru4rec", 0), ("sasrec", 0), ("sasrec", 1)]
     assert "dropping the earlier rows of ['gru4rec']" in capsys.readouterr().err
+    # a fresh clone: the committed table's rows stand although no trial run of theirs is on this machine
+    import shutil
+
+    shutil.rmtree(tmp_path / "data" / "tuning" / "synthetic" / "gru4rec")
+    table = tune.run("synthetic", params, models=["sasrec"])
+    assert list(zip(table["model"], table["trial"])) == [("gru4rec", 0), ("sasrec", 0), ("sasrec", 1)]
