@@ -300,3 +300,19 @@ def test_diagnostics_measure_scale_gates_and_how_uniform_the_tag_attention_is():
     uniform = model(features=same).diagnostics(histories)["tag_attention"]
     assert uniform["share_uniform"] == 1.0 and uniform["normalised_entropy_min"] == pytest.approx(1.0, abs=1e-5)
     assert model("tema-no-tags").diagnostics(histories).get("tag_attention") is None
+
+
+def test_the_tag_attention_normalises_its_keys_so_their_scale_cannot_switch_it_off():
+    from tema.models.tema import CrossAttention, key_mask
+
+    torch.manual_seed(0)
+    attention = CrossAttention(16, 2, 0.0, key_norm=True).eval()
+    attention.record = True
+    h, keys = torch.randn(1, 5, 16) * 4, torch.randn(1, 5, 16)
+    mask = key_mask(torch.ones(1, 5, dtype=torch.bool), 2)
+    weights = []
+    for scale in (1.0, 0.1):  # small keys (the fused tag vectors' scale) attend as sharply as large ones
+        attention(h, keys * scale, mask)
+        weights.append(attention.last_weights.clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-3)
+    assert model().streams_[0].tag_attention.key_norm is not None and model().cross[0].key_norm is None
