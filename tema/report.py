@@ -11,6 +11,7 @@ explanations of sample users from the evaluate stage (data/eval/<table>/explanat
 from __future__ import annotations
 
 import html
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -163,6 +164,7 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
     parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, seeds, labels)), f"{name} curves"))
     if first_of_dataset:
         parts.append(explanations_section(artifacts.load_explanations(name)))
+        parts.append(tuning_section(dataset, models))
     links = [("prepare", f"{dataset}/prepare.html"), ("tags", f"{dataset}/tags.html"),
              ("features", f"{dataset}/features.html")]
     links += [(f"train {registry.info(m).display}", f"{dataset}/train-{m}.html") for m in models]
@@ -170,6 +172,32 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
     items = "".join(f'<li><a href="{href}">{html.escape(label)}</a></li>' for label, href in links)
     parts.append(f"<h3>Stage reports</h3><ul>{items}</ul>")
     return "\n".join(parts)
+
+
+def tuning_section(dataset: str, models: list[str]) -> str:
+    """The validation search behind the settings (`tema tune`, reports/<dataset>/tuning.csv): every trial of the shown
+    models with what it changed and its validation MRR (seed tune.seed); '' when the dataset was not tuned."""
+    path = artifacts.reports_dir(dataset) / "tuning.csv"
+    if not path.is_file():
+        return ""
+    table = pd.read_csv(path, dtype={"fingerprint": str})
+    table = table[table["model"].isin(models)]
+    if table.empty:
+        return ""
+
+    def changed(tuned: str) -> str:
+        values = json.loads(tuned)
+        return ", ".join(f"{k}={setting(v)}" for k, v in values.items()) or "(as configured)"
+
+    shown = pd.DataFrame({
+        "model": [registry.info(m).display for m in table["model"]], "trial": table["trial"],
+        "settings tried": [changed(t) for t in table["tuned"]], "valid MRR": table["valid_MRR"].map(lambda v: f"{v:.4f}"),
+        "best epoch": table["best_epoch"], "epochs run": table["epochs_run"],
+        "chosen": ["yes" if b else "" for b in table["best"]],
+    }).set_index(["model", "trial"])
+    return ("<h3>Validation search</h3><p>Every trial of <code>tema tune</code> (one seed, the train stage's settings, "
+            "early stopping on validation): what it changed from the configured model and its validation MRR. "
+            "The test split is read only for the configurations the profiles run.</p>" + html_table(shown))
 
 
 def deviations_section(params: dict[str, Any], models: list[str]) -> str:

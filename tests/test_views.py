@@ -94,3 +94,23 @@ def test_provenance_renders_as_a_table_of_dotted_keys():
     table = views.provenance_table({"llm": {"model": "m", "k": 5}, "domains": ["A", "B"], "note": "x" * 300})
     assert table.loc["llm.model", "value"] == "m" and table.loc["domains", "value"] == "A, B"
     assert len(table.loc["note", "value"]) == 200
+
+
+def test_the_report_lists_every_trial_of_the_validation_search(tmp_path, monkeypatch):
+    from tema import report
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    reports = tmp_path / "reports" / "mine"
+    reports.mkdir(parents=True)
+    pd.DataFrame({
+        "model": ["tema", "tema", "sasrec"], "trial": [0, 1, 0],
+        "tuned": ['{}', '{"gate": true, "side_info": "noninvasive"}', '{"lr": 0.002}'],
+        "valid_MRR": [0.0701, 0.0745, 0.069], "best_epoch": [7, 9, 8], "epochs_run": [11, 13, 12],
+        "train_seconds": [1.0, 1.0, 1.0], "params": ["{}"] * 3, "best": [False, True, True], "fingerprint": ["a", "b", "c"],
+    }).to_csv(reports / "tuning.csv", index=False)
+    section = report.tuning_section("mine", ["tema"])
+    assert "gate=True, side_info=noninvasive" in section and "(as configured)" in section and "0.0745" in section
+    assert "SASRec" not in section and section.count("yes") == 1  # only the shown models; the chosen trial marked
+    assert report.tuning_section("other", ["tema"]) == ""
