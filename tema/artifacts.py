@@ -5,9 +5,11 @@ stage imports another to find a file. The layout (all under the repository root)
 
 - data/prepared/<dataset>/   items.parquet, sequences.parquet, candidates.parquet, stats.json  (prepare)
 - <tags.out_dir>/<dataset>/  item_tags.tsv, vocabulary.tsv, pass1_tags.tsv, failures.tsv,
-                             provenance.json, accounting.json                                     (tags)
+                             provenance.json, accounting.json; the same in <source>/ for each further
+                             named source of the dataset (tags.other_sources)                      (tags)
 - data/features/<dataset>/   text.npy, tags.tsv, tag_vectors.npy, item_tag_ids.npy, item_tag_ranks.npy,
-                             visual.npy, visual_mask.npy, visual_failures.tsv, meta.json           (features)
+                             visual.npy, visual_mask.npy, visual_failures.tsv, meta.json; the tag arrays
+                             of each further source in tags-<source>/                              (features)
 - data/runs/<dataset>/<model>/seed<k>/   model.pt, history.csv, run.json                           (train)
 - data/eval/<table>/         per_user.parquet, explanations.json                                   (evaluate)
 
@@ -36,8 +38,8 @@ def prepared_dir(dataset: str) -> Path:
     return config.dataset_dir("prepared", dataset)
 
 
-def tags_dir(params: dict[str, Any], dataset: str) -> Path:
-    return config.tags_dir(params, dataset)
+def tags_dir(params: dict[str, Any], dataset: str, source: str | None = None) -> Path:
+    return config.tags_dir(params, dataset, source)
 
 
 def features_dir(dataset: str) -> Path:
@@ -144,16 +146,34 @@ def features_identity(dataset: str) -> str:
     return hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
 
 
-def load_features(dataset: str) -> dict[str, Any]:
-    """The feature arrays of a dataset (memory-mapped npy), 'meta', 'tags' (the tag table) and 'identity'."""
+TAG_ARRAYS = ("tag_vectors", "item_tag_ids", "item_tag_ranks")
+
+
+def load_features(dataset: str, tag_source: str | None = None) -> dict[str, Any]:
+    """The feature arrays of a dataset (memory-mapped npy), 'meta', 'tags' (the tag table) and 'identity'.
+
+    tag_source: the name of another of the dataset's tag sources (tags.other_sources; a model's `tags_from`): its tag
+    arrays (data/features/<dataset>/tags-<source>/) replace the first source's, and the identity says which."""
     out = features_dir(dataset)
     identity = features_identity(dataset)
-    result: dict[str, Any] = {"meta": json.loads((out / "meta.json").read_text()), "identity": identity}
+    meta = json.loads((out / "meta.json").read_text())
+    own = (meta.get("tags") or {}).get("source_name", config.DEFAULT_SOURCE_NAME)
+    folder = out
+    if tag_source is not None and tag_source != own:
+        known = [own, *(meta.get("tag_sources") or {})]
+        if tag_source not in (meta.get("tag_sources") or {}):
+            raise FileNotFoundError(f"{out / f'tags-{tag_source}'}: no tag source {tag_source!r} in the features of {dataset} "
+                                    f"(it has {known}); add it under tags.other_sources.{dataset} and run dvc repro features@{dataset}")
+        folder = out / f"tags-{tag_source}"
+        meta = {**meta, "tags": meta["tag_sources"][tag_source]}
+        identity = hashlib.sha256(f"{identity}:{tag_source}".encode()).hexdigest()[:16]
+    result: dict[str, Any] = {"meta": meta, "identity": identity}
     for name in FEATURE_ARRAYS:
-        if (out / f"{name}.npy").is_file():
-            result[name] = np.load(out / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-    if (out / "tags.tsv").is_file():
-        result["tags"] = pd.read_csv(out / "tags.tsv", sep="\t", keep_default_na=False)
+        path = (folder if name in TAG_ARRAYS else out) / f"{name}.npy"
+        if path.is_file():
+            result[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+    if (folder / "tags.tsv").is_file():
+        result["tags"] = pd.read_csv(folder / "tags.tsv", sep="\t", keep_default_na=False)
     return result
 
 

@@ -81,9 +81,32 @@ def tags_out_dir(params: dict[str, Any]) -> str:
     return (params.get("tags") or {}).get("out_dir") or DEFAULT_TAGS_DIR
 
 
-def tags_dir(params: dict[str, Any], dataset: str) -> Path:
-    """A dataset's tags stage outputs: <tags.out_dir>/<dataset>."""
-    return repo_root() / tags_out_dir(params) / dataset
+DEFAULT_SOURCE_NAME = "default"
+
+
+def primary_source_name(params: dict[str, Any], dataset: str) -> str:
+    """The name of a dataset's own tag source (`tags.sources.<dataset>.name`, else "default"): the one its features
+    stage reads first and TEMA reads unless a model names another (`tags_from`)."""
+    source = ((params.get("tags") or {}).get("sources") or {}).get(dataset) or {}
+    return source.get("name") or DEFAULT_SOURCE_NAME if isinstance(source, dict) else DEFAULT_SOURCE_NAME
+
+
+def other_sources(params: dict[str, Any], dataset: str) -> dict[str, dict[str, Any]]:
+    """A dataset's further tag sources by name (`tags.other_sources.<dataset>.<name>`), each tagged beside the first."""
+    found = ((params.get("tags") or {}).get("other_sources") or {}).get(dataset) or {}
+    return found if isinstance(found, dict) else {}
+
+
+def source_names(params: dict[str, Any], dataset: str) -> list[str]:
+    """Every tag source of a dataset by name, its own first."""
+    return [primary_source_name(params, dataset), *other_sources(params, dataset)]
+
+
+def tags_dir(params: dict[str, Any], dataset: str, source: str | None = None) -> Path:
+    """A dataset's tags stage outputs: <tags.out_dir>/<dataset> for its own source, <tags.out_dir>/<dataset>/<source>
+    for each of `tags.other_sources.<dataset>` (so the features stage's dependency on the first covers them all)."""
+    out = repo_root() / tags_out_dir(params) / dataset
+    return out if source is None or source == primary_source_name(params, dataset) else out / source
 
 
 def evaluations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ from tema import artifacts, config, data, schema, views
 from tema.artifacts import load_candidates
 from tema.models import registry
 from tema.protocols import METRICS, PROTOCOLS, evaluate_split
-from tema.training import TrainConfig, load_run, model_class
+from tema.training import TrainConfig, load_run, model_class, tag_source_of
 
 
 def evaluate_all(dataset_name: str, params: dict[str, Any], models: list[str]) -> pd.DataFrame:
@@ -181,8 +181,9 @@ def explain_users(dataset_name: str, params: dict[str, Any], model: str | None, 
         return None
     cfg = TrainConfig.from_params(params)
     dataset = data.load(dataset_name, artifacts.prepared_dir(dataset_name))
-    recommender = load_run(dataset, model, registry.hyper(params, model), cfg, artifacts.run_dir(dataset_name, model, cfg.seeds[0]))
-    bank = artifacts.load_features(dataset_name)
+    hyper = registry.hyper(params, model)
+    recommender = load_run(dataset, model, hyper, cfg, artifacts.run_dir(dataset_name, model, cfg.seeds[0]))
+    bank = artifacts.load_features(dataset_name, tag_source_of(model, hyper))  # the tags the model read
     names = list(bank["tags"]["tag"]) if "tags" in bank else []
     tag_ids = bank.get("item_tag_ids")
     titles = dataset.items.set_index("item_id")["title"]

@@ -13,6 +13,9 @@ identical inputs), described by meta.json (encoder ids, dimensions, sha256 of th
 - visual.npy        [n_items, d_img] float32 CLIP image features (zeros where mask is 0); only when some
                     item has an image (the shipped benchmarks have none)
 - visual_failures.tsv  item_id, image, reason for every image that could not be read (not fatal)
+- tags-<source>/    tags.tsv, tag_vectors.npy, item_tag_ids.npy, item_tag_ranks.npy of each further named tag
+                    source of the dataset (tags.other_sources; meta.json's tag_sources), read by a model whose
+                    `tags_from` names it
 
 The encoders are tema.encoders'; the stage reads the prepared items and its dataset's tags through
 tema.artifacts, which also reads its outputs back (artifacts.load_features).
@@ -21,8 +24,10 @@ tema.artifacts, which also reads its outputs back (artifacts.load_features).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +54,32 @@ def item_texts(items: pd.DataFrame) -> list[str]:
 
 
 # -- tags --------------------------------------------------------------------------------------------
+
+def write_tag_arrays(tag_dir: Path, out: Path, n_items: int, encoder, encoder_name: str, label: str, root: Path) -> dict[str, Any]:
+    """tags.tsv, tag_vectors.npy, item_tag_ids.npy and item_tag_ranks.npy in `out` from the tags stage's outputs in
+    tag_dir (stale ones removed first); returns their meta entry ({'available': False} where tag_dir has no tags)."""
+    for stale in ("tags.tsv", "tag_vectors.npy", "item_tag_ids.npy", "item_tag_ranks.npy"):
+        (out / stale).unlink(missing_ok=True)
+    if not artifacts.has_tags(tag_dir):
+        return {"available": False}
+    vocabulary = artifacts.load_vocabulary(tag_dir)
+    item_tags = artifacts.load_item_tags(tag_dir)
+    tags, ids, ranks = tag_arrays(vocabulary, item_tags, n_items, str((tag_dir / "item_tags.tsv").relative_to(root)))
+    started = time.perf_counter()
+    vectors = encoder(tags["tag"].tolist(), desc=f"{label} tags")
+    tags.to_csv(out / "tags.tsv", sep="\t", index=False)
+    artifacts.write_npy(out / "tag_vectors.npy", vectors)
+    artifacts.write_npy(out / "item_tag_ids.npy", ids)
+    artifacts.write_npy(out / "item_tag_ranks.npy", ranks)
+    tagged = (ids >= 0).any(1)
+    print(f"{label}: {len(tags):,} tags in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return {
+        "available": True, "encoder": encoder_name, "dim": encoder.dim, "n_tags": len(tags),
+        "shared": int((tags["in_A"] & tags["in_B"]).sum()), "max_tags_per_item": int(ids.shape[1]),
+        "items_with_tags": int(tagged.sum()), "mean_tags_per_item": round(float((ids >= 0).sum(1).mean()), 3),
+        "input_sha256": sha256_lines([*tags["tag"], *map(json.dumps, item_tags["tags"])]),
+    }
+
 
 def tag_arrays(vocabulary: pd.DataFrame, item_tags: pd.DataFrame, n_items: int, source: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """(tags table, item_tag_ids, item_tag_ranks) from the tags stage's vocabulary and item tags.
@@ -119,31 +150,27 @@ def run(dataset_name: str, params: dict[str, Any], encoder: TextEncoder | None =
                         "names no title or text column)"}
 
     tag_dir = artifacts.tags_dir(params, dataset_name)
-    for stale in ("tags.tsv", "tag_vectors.npy", "item_tag_ids.npy", "item_tag_ranks.npy"):
-        (out / stale).unlink(missing_ok=True)
-    if artifacts.has_tags(tag_dir):
-        vocabulary = artifacts.load_vocabulary(tag_dir)
-        item_tags = artifacts.load_item_tags(tag_dir)
-        tags, ids, ranks = tag_arrays(vocabulary, item_tags, len(items), str((tag_dir / "item_tags.tsv").relative_to(root)))
-        started = time.perf_counter()
-        vectors = encoder(tags["tag"].tolist(), desc=f"{dataset_name} tags")
-        tags.to_csv(out / "tags.tsv", sep="\t", index=False)
-        artifacts.write_npy(out / "tag_vectors.npy", vectors)
-        artifacts.write_npy(out / "item_tag_ids.npy", ids)
-        artifacts.write_npy(out / "item_tag_ranks.npy", ranks)
-        tagged = (ids >= 0).any(1)
-        meta["tags"] = {
-            "available": True, "encoder": name, "dim": encoder.dim, "n_tags": len(tags),
-            "shared": int((tags["in_A"] & tags["in_B"]).sum()), "max_tags_per_item": int(ids.shape[1]),
-            "items_with_tags": int(tagged.sum()), "mean_tags_per_item": round(float((ids >= 0).sum(1).mean()), 3),
-            "input_sha256": sha256_lines([*tags["tag"], *map(json.dumps, item_tags["tags"])]),
-        }
-        print(f"{dataset_name}: {len(tags):,} tags in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    else:
+    meta["tags"] = write_tag_arrays(tag_dir, out, len(items), encoder, name, dataset_name, root)
+    meta["tags"]["source_name"] = config.primary_source_name(params, dataset_name)
+    if not meta["tags"]["available"]:
         kind = artifacts.tag_source_kind(tag_dir)
         why = (f"its tag source is none (tags.sources.{dataset_name}.kind: none)" if kind == "none"
                else f"{tag_dir.relative_to(root)}/ is missing: the dataset's tags stage has not run")
-        meta["tags"] = {"available": False, "reason": f"no tags for {dataset_name}: {why}"}
+        meta["tags"]["reason"] = f"no tags for {dataset_name}: {why}"
+    for stale in out.glob("tags-*"):
+        shutil.rmtree(stale)
+    others = config.other_sources(params, dataset_name)
+    if others:  # each further named source: its own arrays beside the first's (a model picks one with tags_from)
+        meta["tag_sources"] = {}
+        for source in others:
+            source_dir = artifacts.tags_dir(params, dataset_name, source)
+            if not artifacts.has_tags(source_dir):
+                raise data.DataError(f"{source_dir.relative_to(root)}/: no tags of source {source!r} "
+                                     f"(tags.other_sources.{dataset_name}.{source}); run dvc repro tags-source@{dataset_name}-{source}")
+            folder = out / f"tags-{source}"
+            folder.mkdir()
+            meta["tag_sources"][source] = {**write_tag_arrays(source_dir, folder, len(items), encoder, name,
+                                                              f"{dataset_name} ({source})", root), "source_name": source}
 
     image_encoder = config.get(params, "features.image_encoder", (str, type(None)))
     visual, mask, failures, meta["visual"] = encode_images(items, image_encoder, root)

@@ -18,6 +18,8 @@ smoke settings apply to any dataset:
 - `readers`: each dataset of `datasets` and its reader's source file (its prepare stage depends on it alone);
 - `tag_datasets`: every dataset with a tag source (`tags.sources`) and every dataset of `datasets`, with its
   reader; a dataset of `datasets` without a source gets `{kind: none}`: no tags, said so in its tags report;
+- `tag_sources`: each further named tag source of a dataset (`tags.other_sources.<dataset>.<name>`) as
+  `<dataset>-<name>`, with its dataset, name and reader (its own tags stage, `tags-source@<dataset>-<name>`);
 - `runs`: the training runs, each (dataset, model) that some table compares (tema.config.runs).
 
 Edits of params.yaml itself (by hand, or `dvc exp run -S train.max_epochs=5`) survive the next `tema profile`: it
@@ -41,7 +43,7 @@ import yaml
 
 from tema import config, data, datasets, schema
 
-DERIVED = ("evaluations", "pages", "readers", "tag_datasets", "runs")
+DERIVED = ("evaluations", "pages", "readers", "tag_datasets", "tag_sources", "runs")
 TABLE_KEYS = {"evaluations", "pages"}
 RECORD = ".params-written.yaml"  # beside params.yaml: what `tema profile` last wrote there (see apply_profile)
 WRITTEN_BY = re.compile(r"\A# Written by `tema profile ([^`\s]+)`")
@@ -107,12 +109,16 @@ def derive(params: dict[str, Any]) -> dict[str, Any]:
     if isinstance(sources, dict):
         for name in names:
             sources.setdefault(name, {"kind": "none"})
+    others = tags.setdefault("other_sources", {}) if isinstance(tags, dict) else {}
     tagged = list(dict.fromkeys([*names, *(sources if isinstance(sources, dict) else [])]))
     derived = {
         "evaluations": config.evaluations(params),
         "pages": config.pages(params),
         "readers": {name: datasets.reader_path(name) for name in names},
         "tag_datasets": {name: datasets.reader_path(name) for name in tagged},
+        "tag_sources": {f"{name}-{source}": {"dataset": name, "source": source, "reader": datasets.reader_path(name)}
+                        for name, named in (others.items() if isinstance(others, dict) else []) if isinstance(named, dict)
+                        for source in named},
     }
     derived["runs"] = config.runs({**params, **derived})
     out: dict[str, Any] = {}

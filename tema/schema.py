@@ -179,6 +179,7 @@ HYPER_RULES: dict[str, Rule] = {
     "max_len": integer(1), "lam": number(0, 1), "loss_positions": integer(1), "aux_weight": number(0),
     "tag_attention": boolean, "cross_attention": boolean, "text": boolean, "visual": boolean, "gate": boolean,
     "tag_dropout": number(0, 1, high_open=True), "tag_noise": number(0, 1), "tag_noise_seed": integer(),
+    "tags_from": optional(text),
 }
 INJECTED = ("features",)  # the features stage's arrays, handed to a model by the trainer (tema.training)
 
@@ -237,9 +238,14 @@ def _type_rule(default: Any) -> Rule:
 
 
 def tags_section(params: dict[str, Any]) -> Section:
-    datasets = sorted(params.get("tags", {}).get("sources") or {}) if isinstance(params.get("tags"), dict) else []
+    tags = params.get("tags") if isinstance(params.get("tags"), dict) else {}
+    datasets = sorted(tags.get("sources") or {})
+    others = tags.get("other_sources") if isinstance(tags.get("other_sources"), dict) else {}
+    named = {name: Key({source: Key(SOURCE, required=False) for source in (found if isinstance(found, dict) else {})}, required=False)
+             for name, found in others.items()}
     return {
-        "sources": Key({name: Key(SOURCE, required=False) for name in datasets}),
+        "sources": Key({name: Key({**SOURCE, "name": Key(text, required=False)}, required=False) for name in datasets}),
+        "other_sources": Key(named, required=False),
         "limit_items": Key(optional(integer(1))),
         "refine": Key(REFINE),
         "out_dir": Key(text),
@@ -256,6 +262,8 @@ def _structure(params: dict[str, Any]) -> Section:
         # derived by `tema profile` (tema.profiles), checked against what they derive from below
         "readers": Key(lambda v: None if isinstance(v, dict) else "a mapping of dataset to its reader's file", required=False),
         "tag_datasets": Key(lambda v: None if isinstance(v, dict) else "a mapping of dataset to its reader's file", required=False),
+        "tag_sources": Key(lambda v: None if isinstance(v, dict) else "a mapping of <dataset>-<source> to its dataset, source and reader",
+                           required=False),
         "runs": Key(lambda v: None if isinstance(v, dict) else "a mapping of run name to its dataset and model", required=False),
         "prepare": Key(PREPARE),
         "train": Key(TRAIN),
@@ -294,8 +302,20 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
     for name in params["tags"]["sources"]:
         if name not in known:
             errors.append(f"tags.sources.{name}: unknown dataset {name!r}; expected one of {known}, or {how}")
-    for name, source in params["tags"]["sources"].items():
-        where = f"tags.sources.{name}"
+    for name, named in (params["tags"].get("other_sources") or {}).items():
+        if name not in known:
+            errors.append(f"tags.other_sources.{name}: unknown dataset {name!r}; expected one of {known}, or {how}")
+        for source in named or {}:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", source) or source.startswith("tags-"):
+                errors.append(f"tags.other_sources.{name}.{source}: expected a name of lower-case letters, digits, '-' and '_' "
+                              "(it names a folder of data/tags/<dataset>/)")
+            elif source == config.primary_source_name(params, name):
+                errors.append(f"tags.other_sources.{name}.{source}: the name of {name}'s own source (tags.sources.{name}.name); "
+                              "expected another name")
+    sources_to_check = [(f"tags.sources.{n}", s) for n, s in params["tags"]["sources"].items()]
+    sources_to_check += [(f"tags.other_sources.{n}.{k}", s) for n, named in (params["tags"].get("other_sources") or {}).items()
+                         for k, s in (named or {}).items()]
+    for where, source in sources_to_check:
         if source["kind"] == "external":
             if "file" not in source:
                 errors.append(f"{where}.file: missing; an external source names its tag file (item_id<TAB>tags_json)")
@@ -332,7 +352,9 @@ def _derived_checks(params: dict[str, Any]) -> list[str]:
     names = params["datasets"]
     sources = params["tags"]["sources"]
     expected = {"readers": {n: datasets.reader_path(n) for n in names},
-                "tag_datasets": {n: datasets.reader_path(n) for n in dict.fromkeys([*names, *sources])}}
+                "tag_datasets": {n: datasets.reader_path(n) for n in dict.fromkeys([*names, *sources])},
+                "tag_sources": {f"{n}-{k}": {"dataset": n, "source": k, "reader": datasets.reader_path(n)}
+                                for n, named in (params["tags"].get("other_sources") or {}).items() for k in (named or {})}}
     errors = []
     for key, value in expected.items():
         if key in params and params[key] != value:
@@ -358,8 +380,13 @@ def _input_checks(params: dict[str, Any]) -> list[str]:
         if "text" in reads and not datasets.spec(dataset).has_text:
             errors.append(f"runs: {model} reads item text, but {dataset} has none (its dataset.yaml names no title or text "
                           f"column); leave {model} out of {dataset}'s tables{_without(registry, model, 'text')}")
+        wanted = {**registry.hyper(params, model), **registry.info(model).fixed}.get("tags_from")
+        if "tags" in reads and wanted is not None and wanted not in config.source_names(params, dataset):
+            errors.append(f"runs: {model} reads the tags of source {wanted!r} (tags_from), but {dataset}'s tag sources are "
+                          f"{config.source_names(params, dataset)}; add it under tags.other_sources.{dataset} (docs/tagging.md)")
+            continue
         kind = params["tags"]["sources"].get(dataset, {"kind": "none"})["kind"]
-        if "tags" in reads and kind == "none":
+        if "tags" in reads and kind == "none" and wanted is None:
             errors.append(f"runs: {model} reads tags, but {dataset} has no tag source (tags.sources.{dataset}.kind: none); "
                           f"give it one (docs/datasets.md) or leave {model} out of {dataset}'s tables{_without(registry, model, 'tags')}")
     return errors

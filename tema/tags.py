@@ -718,17 +718,25 @@ def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None
     return {**asdict(acct), "failures": len(failures)}
 
 
-def tag_source(params: dict[str, Any], dataset_name: str) -> dict[str, Any]:
-    """`tags.sources.<dataset>`, checked: kind 'llm', 'external' or 'none', and an external source's file present."""
-    sources = params["tags"]["sources"]
-    if dataset_name not in sources:
-        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}: missing; expected the tag source of {dataset_name}")
-    source = sources[dataset_name]
+def tag_source(params: dict[str, Any], dataset_name: str, name: str | None = None) -> dict[str, Any]:
+    """`tags.sources.<dataset>` (or, for `name`, the further source `tags.other_sources.<dataset>.<name>`), checked:
+    kind 'llm', 'external' or 'none', and an external source's file present."""
+    if name is None or name == config.primary_source_name(params, dataset_name):
+        sources, where = params["tags"]["sources"], f"tags.sources.{dataset_name}"
+        if dataset_name not in sources:
+            raise config.ParamsError(f"params.yaml: {where}: missing; expected the tag source of {dataset_name}")
+        source = sources[dataset_name]
+    else:
+        others, where = config.other_sources(params, dataset_name), f"tags.other_sources.{dataset_name}.{name}"
+        if name not in others:
+            raise config.ParamsError(f"params.yaml: {where}: missing; {dataset_name}'s tag sources are "
+                                     f"{config.source_names(params, dataset_name)}")
+        source = others[name]
     kind = source.get("kind")
     if kind not in ("llm", "external", "none"):
-        raise config.ParamsError(f"params.yaml: tags.sources.{dataset_name}.kind must be 'llm', 'external' or 'none', got {kind!r}")
+        raise config.ParamsError(f"params.yaml: {where}.kind must be 'llm', 'external' or 'none', got {kind!r}")
     if kind == "external" and not (config.repo_root() / source["file"]).is_file():
-        raise data.DataError(f"{source['file']}: not found (tags.sources.{dataset_name}.file); expected the external tag file")
+        raise data.DataError(f"{source['file']}: not found ({where}.file); expected the external tag file")
     return source
 
 
@@ -777,17 +785,20 @@ def llm_refinement(ep: llm.LazyEndpoint, dataset: data.Dataset, refine: dict[str
     return ask
 
 
-def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Execute the stage for one dataset; returns the provenance and accounting it wrote.
+def run(dataset_name: str, params: dict[str, Any], source_name: str | None = None) -> dict[str, Any]:
+    """Execute the stage for one dataset and one of its tag sources (default: its own, `tags.sources.<dataset>`; a
+    name of `tags.other_sources.<dataset>` writes to <tags.out_dir>/<dataset>/<name>/); returns the provenance and
+    accounting it wrote.
 
     Nothing is written unless the run succeeds with at least tags.min_coverage of its items tagged: an endpoint that
     cannot be reached (EndpointError), a busy cache (CacheBusyError) or a low coverage (CoverageError) leave the
     previous outputs in config.tags_dir as they were.
     """
     schema.check(params)
-    source = tag_source(params, dataset_name)
+    source = tag_source(params, dataset_name, source_name)
     refine, limit, min_coverage = params["tags"]["refine"], params["tags"]["limit_items"], params["tags"]["min_coverage"]
-    out = artifacts.tags_dir(params, dataset_name)
+    out = artifacts.tags_dir(params, dataset_name, source_name)
+    out.mkdir(parents=True, exist_ok=True)
     dataset = datasets.read_raw(dataset_name)
     if source["kind"] == "none":
         return write_no_tags(out, dataset, dataset_name)
@@ -809,7 +820,8 @@ def run(dataset_name: str, params: dict[str, Any]) -> dict[str, Any]:
             ask_llm = llm_refinement(ep, dataset, refine, settings, stack.enter_context(TagCache(caches / "refine.jsonl")))
         vocab, merges, refine_report = refine_vocabulary(pass1.tags, domain_of, refine, encode, ask_llm)
         item_tags, mapping = map_to_vocabulary(pass1.tags, domain_of, vocab, merges, encode, refine["map_similarity"])
-        provenance = {**pass1.provenance, "refinement": refine_report, "mapping": mapping,
+        provenance = {**pass1.provenance, "source_name": source_name or config.primary_source_name(params, dataset_name),
+                      "refinement": refine_report, "mapping": mapping,
                       "text_encoder": config.get(params, "features.text_encoder", str)}
         if pass2["mode"] != "map":
             pass2_cache = stack.enter_context(TagCache(caches / "pass2.jsonl"))

@@ -163,9 +163,18 @@ def model_class(model_name: str) -> type:
     return registry.info(model_name).cls
 
 
-def model_features(dataset: Dataset, model_name: str) -> dict[str, Any] | None:
-    """The features stage's arrays of the dataset, for a model that reads them; None for the others."""
-    return artifacts.load_features(dataset.name) if reads_features(model_name) else None
+def model_features(dataset: Dataset, model_name: str, hyper: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The features stage's arrays of the dataset, for a model that reads them; None for the others. A model whose
+    hyper-parameters name a tag source (`tags_from`, one of tags.other_sources) gets that source's tag arrays."""
+    if not reads_features(model_name):
+        return None
+    return artifacts.load_features(dataset.name, tag_source_of(model_name, hyper))
+
+
+def tag_source_of(model_name: str, hyper: dict[str, Any] | None) -> str | None:
+    """The tag source a model reads (`tags_from`, from its hyper-parameters or the switch its ablation fixes); None:
+    the dataset's own."""
+    return {**(hyper or {}), **registry.info(model_name).fixed}.get("tags_from")
 
 
 def build_model(dataset: Dataset, model_name: str, hyper: dict[str, Any], cfg: TrainConfig, train: pd.DataFrame,
@@ -177,7 +186,7 @@ def build_model(dataset: Dataset, model_name: str, hyper: dict[str, Any], cfg: T
         raise config.ParamsError(f"params.yaml: 'model_params.{model_name}.max_len' must be >= 1, got {max_len}")
     arch = dict(hyper)
     if reads_features(model_name):
-        arch["features"] = features if features is not None else model_features(dataset, model_name)
+        arch["features"] = features if features is not None else model_features(dataset, model_name, hyper)
     model = build(model_name, ItemSpace.of(dataset), arch, max_len)
     model.setup(train)
     return model
@@ -194,7 +203,7 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one model with one seed into out_dir (model.pt, history.csv, run.json); resumes if done."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    features = model_features(dataset, model_name)
+    features = model_features(dataset, model_name, hyper)
     fp = fingerprint(model_name, hyper, cfg, seed, data_hash, features["identity"] if features is not None else None)
     done = finished_run(out_dir, fp)
     if done is not None:

@@ -184,3 +184,35 @@ def test_item_texts_are_encoded_once_per_identical_input(repo, encoder, monkeypa
     data.save(ds, prepared)
     features.run("food-kitchen", params, encoder)
     assert calls == [9, 8, 8, 9, 8] and len(list(artifacts.text_memo_dir().glob("*.npy"))) == 2
+
+
+def test_a_second_named_tag_source_lives_beside_the_first_and_a_model_picks_it_by_name(repo, encoder):
+    from tema.training import model_features
+
+    params = config.load_params()
+    params["tags"]["other_sources"] = {"food-kitchen": {"embedded": {"kind": "llm"}}}
+    ds = data.load("food-kitchen", repo / "data" / "prepared" / "food-kitchen")
+    second = repo / "data" / "tags" / "food-kitchen" / "embedded"
+    assert config.tags_dir(params, "food-kitchen", "embedded") == second
+    with pytest.raises(data.DataError, match=r"data/tags/food-kitchen/embedded/: no tags of source 'embedded'.*tags-source@food-kitchen-embedded"):
+        features.run("food-kitchen", params, encoder)
+    second.mkdir()
+    vocab = [("A", "coffee", 1, False), ("A", "tea", 1, False), ("B", "pan", 1, False)]
+    pd.DataFrame(vocab, columns=["domain", "tag", "count", "shared"]).to_csv(second / "vocabulary.tsv", sep="\t", index=False)
+    write_item_tags(second, {1: [["coffee", 1], ["tea", 2]], 4: [["pan", 1]]}, ds)
+    meta = features.run("food-kitchen", params, encoder)
+    assert meta["tags"]["source_name"] == "default" and meta["tag_sources"]["embedded"]["n_tags"] == 3
+    first, other = artifacts.load_features("food-kitchen"), artifacts.load_features("food-kitchen", "embedded")
+    assert list(other["tags"]["tag"]) == ["coffee", "tea", "pan"] and len(first["tags"]) == 8
+    assert other["item_tag_ids"][1].tolist()[:2] == [0, 1] and (other["item_tag_ids"][0] < 0).all()
+    assert np.array_equal(first["text"], other["text"])  # only the tag arrays differ
+    assert other["identity"] != first["identity"] and other["meta"]["tags"]["source_name"] == "embedded"
+    assert artifacts.load_features("food-kitchen", "default")["identity"] == first["identity"]
+    with pytest.raises(FileNotFoundError, match=r"no tag source 'large'.*\['default', 'embedded'\]"):
+        artifacts.load_features("food-kitchen", "large")
+    got = model_features(ds, "tema", {"tags_from": "embedded"})
+    assert got["identity"] == other["identity"] and model_features(ds, "tema", {})["identity"] == first["identity"]
+    # the source dropped from params: its arrays go with the next run, not left to be read as current
+    params["tags"]["other_sources"] = {}
+    features.run("food-kitchen", params, encoder)
+    assert not (repo / "data" / "features" / "food-kitchen" / "tags-embedded").exists()

@@ -263,3 +263,29 @@ def test_a_params_yaml_without_a_record_is_compared_with_the_profile_its_header_
     (repo / "params.yaml").write_bytes(old_bytes("smoke"))  # the record says default (with the override): stale
     assert cli.main(["profile", "smoke"]) == 0
     assert "kept" not in capsys.readouterr().out and (repo / "params.yaml").read_bytes() == old_bytes("smoke")
+
+
+def test_a_dataset_has_named_tag_sources_side_by_side_and_models_choose_one(repo):
+    two = {"extends": "full", "tags": {"sources": {"art-office": {"name": "external-large"}},
+                                       "other_sources": {"art-office": {"embedded": {"kind": "llm"}}}},
+           "evaluations": {"art-office-taggers": {"dataset": "art-office",
+                                                  "models": ["tema", "tema-embedded-tags", "tema-no-tags", "sasrec-text"]}},
+           "pages": {"full": ["art-office-taggers"]}}
+    profile(repo, "taggers", two)
+    params = profiles.profile_params("taggers")
+    schema.validate(params)
+    assert params["tag_sources"] == {"art-office-embedded": {"dataset": "art-office", "source": "embedded",
+                                                             "reader": "tema/datasets/art_office.py"}}
+    assert config.source_names(params, "art-office") == ["external-large", "embedded"]
+    assert config.tags_dir(params, "art-office", "embedded").relative_to(repo).as_posix() == "data/tags/art-office/embedded"
+    assert config.tags_dir(params, "art-office", "external-large") == config.tags_dir(params, "art-office")
+    assert "art-office-tema-embedded-tags" in params["runs"]
+    assert profiles.profile_params("full")["tag_sources"] == {}  # no further source: no such stage
+    # a model that names a source its dataset lacks, and a bad source name, are refused when the profile is written
+    profile(repo, "lacking", {**two, "tags": {"other_sources": {"art-office": {"Big Model": {"kind": "llm"}}}}})
+    found = errors("lacking")
+    assert any("tags.other_sources.art-office.Big Model: expected a name of lower-case" in e for e in found), found
+    profile(repo, "lacking", {**two, "tags": {"other_sources": {}}})
+    found = errors("lacking")
+    assert any("tema-embedded-tags reads the tags of source 'embedded' (tags_from), but art-office's tag sources are "
+               "['default']" in e for e in found), found

@@ -13,7 +13,7 @@ from tema.models.sasrec import SASRec
 from tema.train import model_params
 
 TEMA_ABLATIONS = ["tema-no-tags", "tema-mean-tags", "tema-no-tag-attention", "tema-no-cross-attention", "tema-no-text",
-                  "tema-no-visual", "tema-tag-noise-50", "tema-tag-noise-100"]
+                  "tema-no-visual", "tema-tag-noise-50", "tema-tag-noise-100", "tema-embedded-tags"]
 
 
 def test_every_model_says_what_it_is():
@@ -31,7 +31,8 @@ def test_ablations_name_their_base_and_the_switch_they_fix():
     assert {n: dict(registry.info(n).fixed) for n in TEMA_ABLATIONS} == {
         "tema-no-tags": {"tags": "none"}, "tema-mean-tags": {"tags": "mean"}, "tema-no-tag-attention": {"tag_attention": False},
         "tema-no-cross-attention": {"cross_attention": False}, "tema-no-text": {"text": False}, "tema-no-visual": {"visual": False},
-        "tema-tag-noise-50": {"tag_noise": 0.5}, "tema-tag-noise-100": {"tag_noise": 1.0}}
+        "tema-tag-noise-50": {"tag_noise": 0.5}, "tema-tag-noise-100": {"tag_noise": 1.0},
+        "tema-embedded-tags": {"tags_from": "embedded"}}
     assert all(registry.info(n).base == "tema" for n in TEMA_ABLATIONS)
     assert all(registry.info(n).base is None and not registry.info(n).fixed for n in registry.names() if n not in TEMA_ABLATIONS)
 

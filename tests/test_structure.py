@@ -123,6 +123,8 @@ def test_a_dataset_stage_depends_on_its_own_reader_and_raw_folder_and_no_other(r
         assert "tema/datasets" not in deps and not set(deps) & set(READERS), f"{name}: depends on every reader, or on one by name"
         if name in ("prepare", "tags"):
             assert stage["foreach"] in ("${readers}", "${tag_datasets}") and "${item}" in deps and "data/raw/${key}" in deps, name
+        elif name == "tags-source":  # a further tag source of a dataset: the items of tag_sources name dataset and reader
+            assert stage["foreach"] == "${tag_sources}" and "${item.reader}" in deps and "data/raw/${item.dataset}" in deps
         else:
             assert not any(d.startswith("data/raw") for d in deps), name
     for profile in ("default", "smoke", "full", "art-office"):

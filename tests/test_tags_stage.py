@@ -322,3 +322,31 @@ def test_short_real_run_through_the_embedded_server(tmp_path, monkeypatch, root)
     # the server is gone: nothing listens on its port any more
     with pytest.raises(OSError):
         urllib.request.urlopen(ep.started.base_url.removesuffix("/v1") + "/health", timeout=2)
+
+
+def test_a_further_named_source_is_tagged_beside_the_datasets_own_and_records_its_name(tmp_path, monkeypatch, root):
+    import shutil
+
+    from conftest import describe_datasets, food_kitchen_files, write_raw
+
+    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
+    write_raw(tmp_path / "data" / "raw", "food-kitchen", food_kitchen_files())
+    describe_datasets(tmp_path)
+    words = ["snack", "drink", "pan", "knife"]
+    lines = ["item_id\ttags_json"] + [f"{i}\t{json.dumps([words[i % 2 + 2 * (i >= 3)], 'everyday'])}" for i in range(9)]
+    (tmp_path / "large.tsv").write_text("\n".join(lines) + "\n")
+    params = yaml.safe_load((root / "profiles" / "default.yaml").read_text())
+    params["tags"]["refine"].update(min_count=1, llm_merge=False)
+    params["tags"]["other_sources"] = {"food-kitchen": {"large": {"kind": "external", "file": "large.tsv",
+                                                                  "model": "a-large-model", "pass2": {"mode": "map"}}}}
+    params = profiles.derive(params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    summary = tags.run("food-kitchen", config.load_params(), "large")
+    out = tmp_path / "data" / "tags" / "food-kitchen" / "large"
+    assert summary["provenance"]["source_name"] == "large" and summary["provenance"]["model"] == "a-large-model"
+    assert {p.name for p in out.iterdir()} >= {"item_tags.tsv", "vocabulary.tsv", "provenance.json", "accounting.json"}
+    assert not (tmp_path / "data" / "tags" / "food-kitchen" / "item_tags.tsv").exists()  # the dataset's own source untouched
+    with pytest.raises(config.ParamsError, match=r"tags\.other_sources\.food-kitchen\.small: missing; food-kitchen's tag "
+                                                 r"sources are \['default', 'large'\]"):
+        tags.run("food-kitchen", config.load_params(), "small")

@@ -380,13 +380,15 @@ class TEMAModel(ReadsFeatures, SequenceRecommender):
         self, space: ItemSpace, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 2, dropout: float = 0.2,
         tags: str = "weighted", tag_attention: bool = True, cross_attention: bool = True, text: bool = True,
         visual: bool = True, aux_weight: float = 0.5, side_info: str = "fused", gate: bool = False,
-        tag_dropout: float = 0.0, tag_noise: float = 0.0, tag_noise_seed: int = 0, features: dict[str, Any] | None = None,
+        tag_dropout: float = 0.0, tag_noise: float = 0.0, tag_noise_seed: int = 0, tags_from: str | None = None,
+        features: dict[str, Any] | None = None,
     ):
         super().__init__(space, max_len)
         given = {"tags": tags, "tag_attention": tag_attention, "cross_attention": cross_attention, "text": text, "visual": visual}
         if side_info not in SIDE_INFO:
             raise ValueError(f"model_params: 'side_info' must be one of {SIDE_INFO}, got {side_info!r}")
         self.noninvasive = side_info == "noninvasive"
+        self.tags_from = tags_from  # which of the dataset's tag sources `features` holds: the trainer's choice (tema.training)
         if features is None:
             raise ValueError("TEMA reads the features stage's arrays: pass them as 'features' (tema.training does)")
         if len(space.domain_ranges) != 2:
@@ -592,6 +594,9 @@ ABLATIONS = {
     # the tag-noise experiment: a seeded share of each item's tags replaced by random tags of its domain (noisy_tags)
     "tema-tag-noise-50": ("TEMA, 50% random tags", {"tag_noise": 0.5}),
     "tema-tag-noise-100": ("TEMA, random tags", {"tag_noise": 1.0}),
+    # the tagger comparison: TEMA reading the tags of the dataset's source named "embedded" (tags.other_sources), the
+    # embedded local LLM's, beside TEMA reading the dataset's own source
+    "tema-embedded-tags": ("TEMA, embedded-LLM tags", {"tags_from": "embedded"}),
 }
 
 
