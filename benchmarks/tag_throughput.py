@@ -1,20 +1,30 @@
-"""Tagging throughput with the embedded LLM: the pipeline's concurrent tagger against a naive loop.
+"""Tagging throughput with the embedded LLM: the decode ceiling of the server, the pipeline against it, and the
+pipeline against a naive loop.
 
-Both tag the same items (the first N of each domain of a dataset, domain by domain) with fresh caches:
-- naive: one request at a time, one item per request, through the same prompt and validation;
-- pipeline: tema.tagging.tag_items with llm.concurrency requests in flight, filling the server's
-  parallel slots (llm.embedded.n_parallel), whose shared prompt prefixes the server caches.
-Prints items/s, output tokens/s and their ratio.
+1. ceiling (--slots 1 2 4 8): for each slot count, a fresh embedded server with that many parallel slots (the
+   study's model, context per slot and threads) and as many concurrent requests, each decoding a fixed number of
+   tokens (--decode, end-of-sequence ignored) after the real pass-1 prompt of one item (cached after the first
+   round, as the pipeline's shared prefixes are): the aggregate decode rate in output tokens/s, the most any
+   tagging loop can get out of this model on this machine;
+2. naive: one request at a time, one item per request, through the same prompt and validation;
+3. pipeline: tema.tagging.tag_items with llm.concurrency requests in flight, filling the server's
+   llm.embedded.n_parallel slots.
+Both 2 and 3 tag the same items (the first N of each domain, with fresh caches). Prints items/s, output tokens
+per item and per second, the ceiling at the pipeline's slot count, and the ratios pipeline / ceiling and
+pipeline / naive (issue targets: >= 0.85 and >= 1.3).
 
-    python benchmarks/tag_throughput.py --items 100
+    python benchmarks/tag_throughput.py --items 100                 # ceiling at 1, 2, 4, 8 slots, then the loops
+    python benchmarks/tag_throughput.py --items 100 --slots 4       # the ceiling at the configured slot count only
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,19 +32,59 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tema import config, datasets, llm  # noqa: E402
-from tema.tagging import TagCache, tag_items  # noqa: E402
+from tema.tagging import TagCache, build_messages, tag_items  # noqa: E402
 from tema.tags import domain_prompts, items_to_tag, settings_from_params  # noqa: E402
+
+
+def ceiling(params: dict, slots: int, messages: list[dict[str, str]], decode: int, rounds: int) -> dict[str, float]:
+    """Aggregate decode tokens/s of a fresh server with `slots` slots under `slots` concurrent fixed-length requests."""
+    params = copy.deepcopy(params)
+    params["llm"]["embedded"]["n_parallel"] = slots
+    with llm.endpoint(params) as ep:
+        client = ep.client(timeout=600)
+
+        def one() -> int:
+            response = client.chat.completions.create(model=ep.model, messages=messages, max_tokens=decode, temperature=0.0,
+                                                      extra_body={"ignore_eos": True})
+            return response.usage.completion_tokens
+
+        one()  # warm: the prompt enters the server's cache
+        tokens = [0] * slots
+
+        def worker(i: int) -> None:
+            for _ in range(rounds):
+                tokens[i] += one()
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(slots)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+    return {"tokens_s": sum(tokens) / seconds, "tokens": sum(tokens), "seconds": seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="food-kitchen")
     parser.add_argument("--items", type=int, default=100, help="items in total (half from each domain)")
+    parser.add_argument("--slots", type=int, nargs="*", default=[1, 2, 4, 8], help="slot counts of the ceiling")
+    parser.add_argument("--decode", type=int, default=48, help="tokens each ceiling request decodes")
+    parser.add_argument("--rounds", type=int, default=3, help="requests per slot in the ceiling")
     args = parser.parse_args()
     params = config.load_params(ROOT / "profiles" / "default.yaml")
     settings = settings_from_params(params)
     dataset = datasets.read_raw(args.dataset, ROOT / "data" / "raw")
     items = items_to_tag(dataset, args.items // 2, domain_prompts(datasets.spec(args.dataset, ROOT / "data" / "raw")))
+    first = items[0]
+    messages = build_messages(first.domain_prompt, first.title, first.text, settings.k)
+    ceilings = {}
+    for slots in args.slots:
+        found = ceiling(params, slots, messages, args.decode, args.rounds)
+        ceilings[slots] = found["tokens_s"]
+        print(f"ceiling : {slots} slot(s): {found['tokens']} tokens in {found['seconds']:.1f} s = "
+              f"{found['tokens_s']:.1f} output tokens/s", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp, llm.LazyEndpoint(params, settings.timeout_s) as ep:
         ep.client()  # start the server before timing
@@ -44,12 +94,19 @@ def main() -> None:
             found, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, run_settings,
                                               TagCache(Path(tmp) / f"{name}.jsonl"), progress=False)
             seconds = time.perf_counter() - start
-            results[name] = len(items) / seconds
+            results[name] = {"items_s": len(items) / seconds, "tokens_s": acct.tokens_out / seconds}
             print(f"{name:8s}: {len(items)} items in {seconds:.1f} s = {len(items) / seconds:.2f} items/s, "
                   f"{acct.tokens_out / seconds:.1f} output tokens/s, {acct.tokens_in / len(items):.0f} prompt tokens/item, "
                   f"{acct.tokens_out / len(items):.1f} output tokens/item, {len(failures)} failures", flush=True)
-    print(f"ratio pipeline / naive: {results['pipeline'] / results['naive']:.2f}x "
-          f"(server: {params['llm']['embedded']['n_parallel']} slots, {params['llm']['embedded']['threads']} threads)")
+    slots = params["llm"]["embedded"]["n_parallel"]
+    print(f"ratio pipeline / naive: {results['pipeline']['items_s'] / results['naive']['items_s']:.2f}x items/s "
+          f"(server: {slots} slots, {params['llm']['embedded']['threads']} threads, concurrency {settings.concurrency})")
+    if slots in ceilings:
+        print(f"ratio pipeline / ceiling at {slots} slots: {results['pipeline']['tokens_s'] / ceilings[slots]:.2f} "
+              f"({results['pipeline']['tokens_s']:.1f} of {ceilings[slots]:.1f} output tokens/s)")
+    if ceilings:
+        best = max(ceilings, key=ceilings.get)
+        print(f"best ceiling: {ceilings[best]:.1f} output tokens/s at {best} slots")
 
 
 if __name__ == "__main__":
