@@ -101,6 +101,10 @@ def load(dataset: str, model: str, seed: int | None = None, params: dict[str, An
     params = schema.load() if params is None else params
     if model not in registry.MODELS:
         raise config.ParamsError(f"unknown model {model!r}; expected one of {registry.names()}")
+    if not artifacts.prepared_dir(dataset).is_dir():
+        prepared = sorted(p.name for p in artifacts.prepared_dir(dataset).parent.glob("*") if p.is_dir())
+        raise data.DataError(f"unknown dataset {dataset!r}: no {artifacts.prepared_dir(dataset).relative_to(config.repo_root())}/; "
+                             f"prepared here: {prepared or 'none'} (run `dvc repro` for the profile's datasets)")
     cfg = TrainConfig.from_params(params)
     seed = cfg.seeds[0] if seed is None else seed
     run = artifacts.run_dir(dataset, model, seed)

@@ -183,6 +183,8 @@ def test_mistakes_name_the_bad_value(repo):
     with pytest.raises(data.DataError, match=r"no finished run of sasrec \(seed 1\) on synthetic; trained there with seed 1: "
                        r"\['popularity', 'tema'\]"):
         recommend.top_k("synthetic", "sasrec", user, params=params)
+    with pytest.raises(data.DataError, match=r"unknown dataset 'nosuch': no data/prepared/nosuch/; prepared here: \['synthetic'\]"):
+        recommend.top_k("nosuch", "tema", user, params=params)
     with pytest.raises(data.DataError, match=r"no finished run of tema \(seed 7\)"):
         recommend.top_k("synthetic", "tema", user, seed=7, params=params)
     with pytest.raises(config.ParamsError, match=r"unknown model 'sasrek'; expected one of \["):
