@@ -72,8 +72,14 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="*", default=[1, 2, 4, 8], help="slot counts of the ceiling")
     parser.add_argument("--decode", type=int, default=48, help="tokens each ceiling request decodes")
     parser.add_argument("--rounds", type=int, default=3, help="requests per slot in the ceiling")
+    parser.add_argument("--parallel", type=int, help="the loops' server slots (default: llm.embedded.n_parallel)")
+    parser.add_argument("--concurrency", type=int, help="the pipeline's requests in flight (default: llm.concurrency)")
     args = parser.parse_args()
     params = config.load_params(ROOT / "profiles" / "default.yaml")
+    if args.parallel:
+        params["llm"]["embedded"]["n_parallel"] = args.parallel
+    if args.concurrency:
+        params["llm"]["concurrency"] = args.concurrency
     settings = settings_from_params(params)
     dataset = datasets.read_raw(args.dataset, ROOT / "data" / "raw")
     items = items_to_tag(dataset, args.items // 2, domain_prompts(datasets.spec(args.dataset, ROOT / "data" / "raw")))
