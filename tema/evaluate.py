@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tema import artifacts, config, data, schema, views
+from tema import artifacts, config, data, schema, tags, views
 from tema.artifacts import load_candidates
 from tema.models import registry
 from tema.protocols import METRICS, PROTOCOLS, evaluate_split
@@ -149,7 +149,28 @@ def run(table: str, params: dict[str, Any]) -> pd.DataFrame:
     (report_dir / "headline.json").write_text(json.dumps(views.headline(summary, sig, reference), indent=2) + "\n")
     write_curves(table, spec["dataset"], spec["models"], TrainConfig.from_params(params).seeds)
     artifacts.write_json(eval_dir / "explanations.json", explain_users(spec["dataset"], params, explained_model(reference, spec["models"])))
+    compared = tag_source_comparison(params, spec["dataset"], spec["models"])
+    if len(compared):
+        compared.to_csv(report_dir / "tag_sources.csv", float_format="%.4f")
+    else:
+        (report_dir / "tag_sources.csv").unlink(missing_ok=True)
     return summary
+
+
+def tag_source_comparison(params: dict[str, Any], dataset: str, models: list[str]) -> pd.DataFrame:
+    """Where the table's models read other tag sources than the dataset's own (`tags_from`): each of those against
+    the dataset's own source, per domain (tags.compare_sources), one column per figure; empty otherwise."""
+    others = sorted({s for m in models if (s := tag_source_of(m, registry.hyper(params, m))) is not None}
+                    - {config.primary_source_name(params, dataset)})
+    if not others:
+        return pd.DataFrame()
+    primary = config.primary_source_name(params, dataset)
+    items = pd.read_parquet(artifacts.prepared_dir(dataset) / "items.parquet", columns=["item_id", "domain"])
+    own = artifacts.load_item_tags(artifacts.tags_dir(params, dataset))
+    frames = {name: tags.compare_sources(items, own, artifacts.load_item_tags(artifacts.tags_dir(params, dataset, name)),
+                                         (primary, name))
+              for name in others}
+    return pd.concat(frames, names=["source"])
 
 
 def write_curves(table: str, dataset: str, models: list[str], seeds) -> None:

@@ -701,6 +701,40 @@ def write_no_tags(out: Path, dataset: data.Dataset, dataset_name: str) -> dict[s
     return {"provenance": provenance, "accounting": accounting}
 
 
+def compare_sources(items: pd.DataFrame, first: pd.DataFrame, second: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
+    """Two tag sources of one dataset side by side, one row per domain: items each source tags, tags per tagged
+    item, vocabulary (distinct tags in use), the tags both use, and per-item agreement over the items both tag: the
+    mean Jaccard index of the two tag sets and the share of items with at least one tag in common.
+
+    `items` holds item_id and domain; `first` and `second` are item_tags tables (artifacts.load_item_tags). Tags
+    match in their canonical form (normalised, last word singular, a singular either source uses preferred), so
+    "Art Supplies" meets "art supply".
+    """
+    known = {normalize_tag(tag) for t in (first, second) for pairs in t["tags"] for tag, _ in pairs}
+    sets = [{int(i): {canonical_form(tag, known) for tag, _ in pairs} - {""} for i, pairs in zip(t["item_id"], t["tags"])}
+            for t in (first, second)]
+    a, b = names
+    rows = {}
+    for domain, ids in items.groupby("domain")["item_id"]:
+        ids = [int(i) for i in ids]
+        tagged = [[i for i in ids if s.get(i)] for s in sets]
+        vocab = [set().union(*(s[i] for i in t)) if t else set() for s, t in zip(sets, tagged)]
+        both = [i for i in tagged[0] if sets[1].get(i)]
+        jaccard = [len(sets[0][i] & sets[1][i]) / len(sets[0][i] | sets[1][i]) for i in both]
+        rows[domain] = {
+            "items": len(ids),
+            f"tagged ({a})": len(tagged[0]), f"tagged ({b})": len(tagged[1]),
+            f"tags per item ({a})": float(np.mean([len(sets[0][i]) for i in tagged[0]])) if tagged[0] else 0.0,
+            f"tags per item ({b})": float(np.mean([len(sets[1][i]) for i in tagged[1]])) if tagged[1] else 0.0,
+            f"vocabulary ({a})": len(vocab[0]), f"vocabulary ({b})": len(vocab[1]),
+            "tags in both": len(vocab[0] & vocab[1]),
+            "items both tag": len(both),
+            "mean Jaccard per item": float(np.mean(jaccard)) if both else 0.0,
+            "share with a tag in common": float(np.mean([j > 0 for j in jaccard])) if both else 0.0,
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("domain")
+
+
 def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None) -> dict[str, Any]:
     """Pass 1 only: fill the answer cache (the long, resumable part; `tema tags generate`).
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -137,3 +139,51 @@ def test_unknown_table_names_the_parameter():
 
     with pytest.raises(config.ParamsError, match="no evaluation table 'x' under 'evaluations'"):
         table_spec({"datasets": ["d1"], "models": ["tema"]}, "x")
+
+
+def _item_tags(rows):
+    return pd.DataFrame({"item_id": [r[0] for r in rows], "domain": [r[1] for r in rows],
+                         "tags": [[[t, k + 1] for k, t in enumerate(r[2])] for r in rows]})
+
+
+def test_two_tag_sources_compare_per_domain_in_canonical_form():
+    from tema.tags import compare_sources
+
+    items = pd.DataFrame({"item_id": [0, 1, 2, 3], "domain": ["A", "A", "A", "B"]})
+    large = _item_tags([(0, "A", ["Art Supplies", "paint"]), (1, "A", ["canvas"]), (3, "B", ["pen", "ink"])])
+    small = _item_tags([(0, "A", ["art supply", "brush"]), (1, "A", ["easel"]), (2, "A", ["glue"]), (3, "B", ["pens", "ink"])])
+    out = compare_sources(items, large, small, ("large", "small"))
+    a, b = out.loc["A"], out.loc["B"]
+    assert a["items"] == 3 and a["tagged (large)"] == 2 and a["tagged (small)"] == 3
+    assert a["vocabulary (large)"] == 3 and a["vocabulary (small)"] == 4 and a["tags in both"] == 1  # "art supply"
+    assert a["items both tag"] == 2
+    assert a["mean Jaccard per item"] == pytest.approx((1 / 3 + 0) / 2)  # item 0: {art supply} of 3 tags; item 1: none
+    assert a["share with a tag in common"] == pytest.approx(0.5)
+    assert a["tags per item (small)"] == pytest.approx(4 / 3)
+    assert b["mean Jaccard per item"] == pytest.approx(1.0) and b["tags in both"] == 2  # "pens" is "pen"
+
+
+def test_a_table_whose_model_reads_another_tag_source_compares_it_with_the_datasets_own(tmp_path, monkeypatch):
+    from tema.evaluate import tag_source_comparison
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    own, other = tmp_path / "data" / "tags" / "art-office", tmp_path / "data" / "tags" / "art-office" / "embedded"
+    other.mkdir(parents=True)
+    for folder, rows in ((own, [(0, "A", ["craft"]), (1, "B", ["office product"])]),
+                         (other, [(0, "A", ["crafts", "glue"]), (1, "B", ["stapler"])])):
+        table = _item_tags(rows)
+        table.assign(tags=table["tags"].map(json.dumps)).to_csv(folder / "item_tags.tsv", sep="\t", index=False, quoting=3)
+    prepared = tmp_path / "data" / "prepared" / "art-office"
+    prepared.mkdir(parents=True)
+    pd.DataFrame({"item_id": [0, 1], "domain": ["A", "B"]}).to_parquet(prepared / "items.parquet")
+    monkeypatch.chdir(tmp_path)
+    params = {"tags": {"out_dir": "data/tags", "sources": {"art-office": {"kind": "external", "name": "external-large"}},
+                       "other_sources": {"art-office": {"embedded": {"kind": "llm"}}}},
+              "model_params": {"tema": {"dim": 8}, "sasrec-text": {"dim": 8}}}
+    assert tag_source_comparison(params, "art-office", ["tema", "sasrec-text"]).empty  # all read the own tags
+    out = tag_source_comparison(params, "art-office", ["tema", "tema-embedded-tags", "sasrec-text"])
+    assert list(out.index) == [("embedded", "A"), ("embedded", "B")]
+    assert out.loc[("embedded", "A"), "mean Jaccard per item"] == pytest.approx(0.5)
+    assert out.loc[("embedded", "B"), "share with a tag in common"] == 0.0
+    assert "tagged (external-large)" in out.columns and "tagged (embedded)" in out.columns
