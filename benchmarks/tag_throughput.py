@@ -12,9 +12,14 @@ pipeline against a naive loop.
 Both 2 and 3 tag the same items (the first N of each domain, with fresh caches). Prints items/s, output tokens
 per item and per second, the ceiling at the pipeline's slot count, and the ratios pipeline / ceiling and
 pipeline / naive (issue targets: >= 0.85 and >= 1.3).
+4. with --answer-form json list: the pipeline once per answer form (llm.answer_form; the list form under its
+   grammar), each against the naive JSON loop, and each form's agreement with the JSON answers on the same items:
+   mean per-item Jaccard of the normalised tag sets, and the share of items with at least one tag in common
+   (the JSON form against itself is 1.0: the same greedy answers).
 
     python benchmarks/tag_throughput.py --items 100                 # ceiling at 1, 2, 4, 8 slots, then the loops
     python benchmarks/tag_throughput.py --items 100 --slots 4       # the ceiling at the configured slot count only
+    python benchmarks/tag_throughput.py --items 200 --slots 4 --answer-form json list   # and the compact form
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tema import config, datasets, llm  # noqa: E402
-from tema.tagging import TagCache, build_messages, tag_items  # noqa: E402
+from tema.tagging import ANSWER_FORMS, TagCache, build_messages, normalize_tag, tag_items  # noqa: E402
 from tema.tags import domain_prompts, items_to_tag, settings_from_params  # noqa: E402
 
 
@@ -65,6 +70,16 @@ def ceiling(params: dict, slots: int, messages: list[dict[str, str]], decode: in
     return {"tokens_s": sum(tokens) / seconds, "tokens": sum(tokens), "seconds": seconds}
 
 
+def agreement(first: dict[int, list[str]], second: dict[int, list[str]]) -> tuple[float, float]:
+    """Mean per-item Jaccard of two answers' normalised tag sets, and the share of items sharing a tag (items both tag)."""
+    both = sorted(set(first) & set(second))
+    if not both:
+        return float("nan"), float("nan")
+    sets = [({normalize_tag(t) for t in first[i]}, {normalize_tag(t) for t in second[i]}) for i in both]
+    jaccard = sum(len(a & b) / len(a | b) for a, b in sets if a | b) / len(sets)
+    return jaccard, sum(bool(a & b) for a, b in sets) / len(sets)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="food-kitchen")
@@ -74,6 +89,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="requests per slot in the ceiling")
     parser.add_argument("--parallel", type=int, help="the loops' server slots (default: llm.embedded.n_parallel)")
     parser.add_argument("--concurrency", type=int, help="the pipeline's requests in flight (default: llm.concurrency)")
+    parser.add_argument("--answer-form", nargs="+", choices=ANSWER_FORMS, help="the pipeline once per answer form "
+                        "(default: llm.answer_form), with each form's agreement with the JSON answers")
     args = parser.parse_args()
     params = config.load_params(ROOT / "profiles" / "default.yaml")
     if args.parallel:
@@ -91,25 +108,33 @@ def main() -> None:
         ceilings[slots] = found["tokens_s"]
         print(f"ceiling : {slots} slot(s): {found['tokens']} tokens in {found['seconds']:.1f} s = "
               f"{found['tokens_s']:.1f} output tokens/s", flush=True)
-    results = {}
+    forms = args.answer_form or [settings.answer_form]
+    loops = [("naive", 1, "json")] + [(f"pipeline{'' if len(forms) == 1 else ' ' + form}", settings.concurrency, form)
+                                       for form in forms]
+    results, answers = {}, {}
     with tempfile.TemporaryDirectory() as tmp, llm.LazyEndpoint(params, settings.timeout_s) as ep:
         ep.client()  # start the server before timing
-        for name, concurrency in [("naive", 1), ("pipeline", settings.concurrency)]:
-            run_settings = dataclasses.replace(settings, concurrency=concurrency)
+        for name, concurrency, form in loops:
+            run_settings = dataclasses.replace(settings, concurrency=concurrency, answer_form=form)
             start = time.perf_counter()
             found, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, run_settings,
-                                              TagCache(Path(tmp) / f"{name}.jsonl"), progress=False)
+                                              TagCache(Path(tmp) / f"{name.replace(' ', '-')}.jsonl"), progress=False)
             seconds = time.perf_counter() - start
-            results[name] = {"items_s": len(items) / seconds, "tokens_s": acct.tokens_out / seconds}
-            print(f"{name:8s}: {len(items)} items in {seconds:.1f} s = {len(items) / seconds:.2f} items/s, "
+            results[name] = {"items_s": len(items) / seconds, "tokens_s": acct.tokens_out / seconds, "form": form}
+            answers.setdefault(form, found)
+            print(f"{name:13s}: {len(items)} items in {seconds:.1f} s = {len(items) / seconds:.2f} items/s, "
                   f"{acct.tokens_out / seconds:.1f} output tokens/s, {acct.tokens_in / len(items):.0f} prompt tokens/item, "
                   f"{acct.tokens_out / len(items):.1f} output tokens/item, {len(failures)} failures", flush=True)
     slots = params["llm"]["embedded"]["n_parallel"]
-    print(f"ratio pipeline / naive: {results['pipeline']['items_s'] / results['naive']['items_s']:.2f}x items/s "
-          f"(server: {slots} slots, {params['llm']['embedded']['threads']} threads, concurrency {settings.concurrency})")
-    if slots in ceilings:
-        print(f"ratio pipeline / ceiling at {slots} slots: {results['pipeline']['tokens_s'] / ceilings[slots]:.2f} "
-              f"({results['pipeline']['tokens_s']:.1f} of {ceilings[slots]:.1f} output tokens/s)")
+    for name, _, form in loops[1:]:
+        print(f"ratio {name} / naive: {results[name]['items_s'] / results['naive']['items_s']:.2f}x items/s "
+              f"(server: {slots} slots, {params['llm']['embedded']['threads']} threads, concurrency {settings.concurrency})")
+        if slots in ceilings:
+            print(f"ratio {name} / ceiling at {slots} slots: {results[name]['tokens_s'] / ceilings[slots]:.2f} "
+                  f"({results[name]['tokens_s']:.1f} of {ceilings[slots]:.1f} output tokens/s)")
+        if form != "json":
+            jaccard, common = agreement(answers["json"], answers[form])
+            print(f"agreement {form} / json: mean per-item Jaccard {jaccard:.3f}, items with a tag in common {common:.3f}")
     if ceilings:
         best = max(ceilings, key=ceilings.get)
         print(f"best ceiling: {ceilings[best]:.1f} output tokens/s at {best} slots")

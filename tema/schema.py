@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tema import config, datasets
-from tema.tagging import Settings
+from tema.tagging import ANSWER_FORMS, Settings
 
 # A rule returns None for a good value, else what was expected ("an integer >= 1").
 Rule = Callable[[Any], str | None]
@@ -147,6 +147,7 @@ LLM_RULES: dict[str, Rule] = {
     "k": integer(1, 20), "temperature": number(0, 2), "max_tokens": integer(1), "frequency_penalty": number(-2, 2),
     "seed": integer(), "timeout_s": number(0, low_open=True), "max_retries": integer(0), "backoff_s": number(0),
     "concurrency": integer(1), "json_mode": boolean, "max_retry_after_s": number(0),
+    "answer_form": choice(*ANSWER_FORMS),
 }
 EMBEDDED: Section = {
     "n_parallel": Key(integer(1)), "n_ctx": Key(integer(64)), "threads": Key(integer(1)),

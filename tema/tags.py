@@ -615,7 +615,7 @@ def llm_pass2(items: list[Item], domain_of: dict[int, str], vocab: pd.DataFrame,
 
 def prompt_provenance(prompts: dict[str, DomainPrompt], settings: Settings) -> dict[str, str]:
     """The prompt version and, per domain, the hash that keys its cached answers."""
-    return {"version": PROMPT_VERSION, **{p.name: prompt_hash(p, settings.k) for p in prompts.values()}}
+    return {"version": PROMPT_VERSION, **{p.name: prompt_hash(p, settings.k, settings.answer_form) for p in prompts.values()}}
 
 
 def text_encoder(params: dict[str, Any]):

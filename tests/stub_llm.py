@@ -83,7 +83,8 @@ class StubLLM:
                 if behaviour == "not_completion":
                     return self.reply(200, {"hello": "world"})
                 content = {
-                    "ok": json.dumps({"tags": title_tags(prompt)}),
+                    # a request under a grammar (tagging's "list" answer form) is answered as a comma-separated line
+                    "ok": ", ".join(title_tags(prompt)) if "grammar" in request else json.dumps({"tags": title_tags(prompt)}),
                     "timeout": json.dumps({"tags": title_tags(prompt)}),
                     "malformed": '{"tags": ["half',
                     "empty": "",

@@ -193,3 +193,26 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     records = cache_lines(path)
     ok_items = [r["item_id"] for r in records if r["status"] == "ok"]
     assert sorted(ok_items) == list(range(40))  # each item exactly once
+
+
+def test_the_list_answer_form_asks_under_a_grammar_and_keeps_the_json_forms_cache_keys(tmp_path):
+    assert tagging.parse_tags("Gluten-Free, snack bar;  x ,\nTea", "stop", 3, form="list") == ["gluten free", "snack bar", "x"]
+    with pytest.raises(tagging.AnswerError, match="no_valid_tag"):
+        tagging.parse_tags(" , ;", "stop", 5, form="list")
+    # the answers cached before llm.answer_form existed keep their keys; the list form's answers are keyed apart
+    assert tagging.cache_key("m", "sha", tagging.DomainPrompt(KITCHEN), "Pyrex Glass Measuring Cup", "2 cups",
+                             Settings()) == "1aebc2b48f106758aaa851af"
+    assert "answer_form" not in Settings().cache_part()
+    listed = Settings(answer_form="list", timeout_s=1.0, max_retries=1, backoff_s=0.01, concurrency=2)
+    assert tagging.cache_key("m", "sha", KITCHEN, "a", "", listed) != tagging.cache_key("m", "sha", KITCHEN, "a", "", Settings())
+    example = tagging.build_messages(KITCHEN, "a", "", 5, "list")[2]["content"]
+    assert example == "skillet, cast iron, cookware, frying pan, stovetop cooking"
+    grammar = tagging.list_grammar(3)
+    assert grammar.startswith('root ::= tag (", " tag (", " tag)?)?\n') and "word ::=" in grammar
+    with StubLLM() as stub:
+        found, failures, acct = tag_items(items(4), lambda: client_for(stub.base_url, listed), "stub", None, listed,
+                                          TagCache(tmp_path / "c.jsonl"), progress=False)
+        assert not failures and len(found) == 4
+        assert all("grammar" in r and "response_format" not in r for r in stub.requests)
+        assert "separated by commas" in stub.requests[0]["messages"][0]["content"]
+    assert found[0] == tagging.parse_tags(json.dumps(found[0]), "stop", 5)  # the same tags as the JSON form would give
