@@ -217,3 +217,15 @@ def test_a_new_dataset_runs_end_to_end_and_leaves_the_other_datasets_alone(smoke
     stale = set(json.loads(sh("dvc", "status", "--json", cwd=smoke_repo).strip().splitlines()[-1]))
     assert stale <= {"report@index", "report@ablations"}, stale
     sh("tema", "profile", "smoke", cwd=smoke_repo)
+
+
+def test_a_dry_run_on_a_fresh_clone_lists_every_stage_with_force(tmp_path, root):
+    """The documented dry run of a fresh clone (docs/dvc.md): `--force` skips DVC's stage-cache lookup, which hashes
+    dependencies that do not exist yet (treeverse/dvc#9818), so it prints every stage's command and runs none."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    stages = [line.split(":", 1)[0] for line in sh("dvc", "stage", "list", "--name-only", cwd=clone).split()]
+    for args in (["dvc", "repro", "--dry", "--force"], ["dvc", "exp", "run", "--dry", "--force"]):
+        out = sh(*args, cwd=clone)
+        assert sorted(re.findall(r"Running stage '([^']+)'", out)) == sorted(stages), args
+    assert not (clone / "data" / "prepared").exists()
