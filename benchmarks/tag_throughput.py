@@ -13,9 +13,9 @@ Both 2 and 3 tag the same items (the first N of each domain, with fresh caches).
 per item and per second, the ceiling at the pipeline's slot count, and the ratios pipeline / ceiling and
 pipeline / naive (issue targets: >= 0.85 and >= 1.3).
 4. with --answer-form json list: the pipeline once per answer form (llm.answer_form; the list form under its
-   grammar), each against the naive JSON loop, and each form's agreement with the JSON answers on the same items:
-   mean per-item Jaccard of the normalised tag sets, and the share of items with at least one tag in common
-   (the JSON form against itself is 1.0: the same greedy answers).
+   grammar), each against the naive JSON loop, and each form's agreement with the JSON answers on the same items,
+   per domain as the tags report compares two sources (tema.tags.compare_sources): mean per-item Jaccard of the
+   canonical tag sets, and the share of items with at least one tag in common.
 
     python benchmarks/tag_throughput.py --items 100                 # ceiling at 1, 2, 4, 8 slots, then the loops
     python benchmarks/tag_throughput.py --items 100 --slots 4       # the ceiling at the configured slot count only
@@ -33,12 +33,14 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tema import config, datasets, llm  # noqa: E402
-from tema.tagging import ANSWER_FORMS, TagCache, build_messages, normalize_tag, tag_items  # noqa: E402
-from tema.tags import domain_prompts, items_to_tag, settings_from_params  # noqa: E402
+from tema.tagging import ANSWER_FORMS, TagCache, build_messages, tag_items  # noqa: E402
+from tema.tags import compare_sources, domain_prompts, items_to_tag, settings_from_params  # noqa: E402
 
 
 def ceiling(params: dict, slots: int, messages: list[dict[str, str]], decode: int, rounds: int) -> dict[str, float]:
@@ -70,14 +72,14 @@ def ceiling(params: dict, slots: int, messages: list[dict[str, str]], decode: in
     return {"tokens_s": sum(tokens) / seconds, "tokens": sum(tokens), "seconds": seconds}
 
 
-def agreement(first: dict[int, list[str]], second: dict[int, list[str]]) -> tuple[float, float]:
-    """Mean per-item Jaccard of two answers' normalised tag sets, and the share of items sharing a tag (items both tag)."""
-    both = sorted(set(first) & set(second))
-    if not both:
-        return float("nan"), float("nan")
-    sets = [({normalize_tag(t) for t in first[i]}, {normalize_tag(t) for t in second[i]}) for i in both]
-    jaccard = sum(len(a & b) / len(a | b) for a, b in sets if a | b) / len(sets)
-    return jaccard, sum(bool(a & b) for a, b in sets) / len(sets)
+def agreement(items, first: dict[int, list[str]], second: dict[int, list[str]], names: tuple[str, str]) -> "pd.DataFrame":
+    """Two answer forms' tags of the same items compared per domain (tema.tags.compare_sources, as the tags report does)."""
+    table = pd.DataFrame({"item_id": [it.item_id for it in items], "domain": [it.domain_name for it in items]})
+
+    def tags(found: dict[int, list[str]]) -> pd.DataFrame:
+        return pd.DataFrame({"item_id": list(found), "tags": [[(t, 1.0) for t in v] for v in found.values()]})
+
+    return compare_sources(table, tags(first), tags(second), names)
 
 
 def main() -> None:
@@ -133,8 +135,10 @@ def main() -> None:
             print(f"ratio {name} / ceiling at {slots} slots: {results[name]['tokens_s'] / ceilings[slots]:.2f} "
                   f"({results[name]['tokens_s']:.1f} of {ceilings[slots]:.1f} output tokens/s)")
         if form != "json":
-            jaccard, common = agreement(answers["json"], answers[form])
-            print(f"agreement {form} / json: mean per-item Jaccard {jaccard:.3f}, items with a tag in common {common:.3f}")
+            compared = agreement(items, answers["json"], answers[form], ("json", form))
+            for domain, row in compared.iterrows():
+                print(f"agreement {form} / json, {domain}: mean per-item Jaccard {row['mean Jaccard per item']:.3f}, "
+                      f"items with a tag in common {row['share with a tag in common']:.3f} ({row['items both tag']} items)")
     if ceilings:
         best = max(ceilings, key=ceilings.get)
         print(f"best ceiling: {ceilings[best]:.1f} output tokens/s at {best} slots")
