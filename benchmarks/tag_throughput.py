@@ -16,10 +16,14 @@ pipeline / naive (issue targets: >= 0.85 and >= 1.3).
    grammar), each against the naive JSON loop, and each form's agreement with the JSON answers on the same items,
    per domain as the tags report compares two sources (tema.tags.compare_sources): mean per-item Jaccard of the
    canonical tag sets, and the share of items with at least one tag in common.
+5. with --unconstrained: the pipeline once more with llm.json_mode off (the JSON form parsed from free text, no
+   schema or grammar held to the sampler), and its agreement with the constrained answers: what constrained
+   sampling costs on this server.
 
     python benchmarks/tag_throughput.py --items 100                 # ceiling at 1, 2, 4, 8 slots, then the loops
     python benchmarks/tag_throughput.py --items 100 --slots 4       # the ceiling at the configured slot count only
     python benchmarks/tag_throughput.py --items 200 --slots 4 --answer-form json list   # and the compact form
+    python benchmarks/tag_throughput.py --items 100 --slots 4 --unconstrained          # and without a grammar
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, help="the pipeline's requests in flight (default: llm.concurrency)")
     parser.add_argument("--answer-form", nargs="+", choices=ANSWER_FORMS, help="the pipeline once per answer form "
                         "(default: llm.answer_form), with each form's agreement with the JSON answers")
+    parser.add_argument("--unconstrained", action="store_true", help="the pipeline once more with json_mode off "
+                        "(no schema or grammar), with its agreement with the constrained JSON answers")
     args = parser.parse_args()
     params = config.load_params(ROOT / "profiles" / "default.yaml")
     if args.parallel:
@@ -111,33 +117,37 @@ def main() -> None:
         print(f"ceiling : {slots} slot(s): {found['tokens']} tokens in {found['seconds']:.1f} s = "
               f"{found['tokens_s']:.1f} output tokens/s", flush=True)
     forms = args.answer_form or [settings.answer_form]
-    loops = [("naive", 1, "json")] + [(f"pipeline{'' if len(forms) == 1 else ' ' + form}", settings.concurrency, form)
-                                       for form in forms]
+    loops = [("naive", 1, "json", True)] + [(f"pipeline{'' if len(forms) == 1 else ' ' + form}", settings.concurrency, form, True)
+                                             for form in forms]
+    if args.unconstrained:
+        loops.append(("pipeline free", settings.concurrency, "json", False))
     results, answers = {}, {}
     with tempfile.TemporaryDirectory() as tmp, llm.LazyEndpoint(params, settings.timeout_s) as ep:
         ep.client()  # start the server before timing
-        for name, concurrency, form in loops:
-            run_settings = dataclasses.replace(settings, concurrency=concurrency, answer_form=form)
+        for name, concurrency, form, constrained in loops:
+            run_settings = dataclasses.replace(settings, concurrency=concurrency, answer_form=form,
+                                               json_mode=settings.json_mode and constrained)
             start = time.perf_counter()
             found, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, run_settings,
                                               TagCache(Path(tmp) / f"{name.replace(' ', '-')}.jsonl"), progress=False)
             seconds = time.perf_counter() - start
             results[name] = {"items_s": len(items) / seconds, "tokens_s": acct.tokens_out / seconds, "form": form}
-            answers.setdefault(form, found)
+            answers.setdefault(form if constrained else "free", found)
             print(f"{name:13s}: {len(items)} items in {seconds:.1f} s = {len(items) / seconds:.2f} items/s, "
                   f"{acct.tokens_out / seconds:.1f} output tokens/s, {acct.tokens_in / len(items):.0f} prompt tokens/item, "
                   f"{acct.tokens_out / len(items):.1f} output tokens/item, {len(failures)} failures", flush=True)
     slots = params["llm"]["embedded"]["n_parallel"]
-    for name, _, form in loops[1:]:
+    for name, _, form, constrained in loops[1:]:
         print(f"ratio {name} / naive: {results[name]['items_s'] / results['naive']['items_s']:.2f}x items/s "
               f"(server: {slots} slots, {params['llm']['embedded']['threads']} threads, concurrency {settings.concurrency})")
         if slots in ceilings:
             print(f"ratio {name} / ceiling at {slots} slots: {results[name]['tokens_s'] / ceilings[slots]:.2f} "
                   f"({results[name]['tokens_s']:.1f} of {ceilings[slots]:.1f} output tokens/s)")
-        if form != "json":
-            compared = agreement(items, answers["json"], answers[form], ("json", form))
+        other = form if constrained else "free"
+        if other != "json":
+            compared = agreement(items, answers["json"], answers[other], ("json", other))
             for domain, row in compared.iterrows():
-                print(f"agreement {form} / json, {domain}: mean per-item Jaccard {row['mean Jaccard per item']:.3f}, "
+                print(f"agreement {other} / json, {domain}: mean per-item Jaccard {row['mean Jaccard per item']:.3f}, "
                       f"items with a tag in common {row['share with a tag in common']:.3f} ({row['items both tag']} items)")
     if ceilings:
         best = max(ceilings, key=ceilings.get)
