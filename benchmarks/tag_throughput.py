@@ -117,37 +117,37 @@ def main() -> None:
         print(f"ceiling : {slots} slot(s): {found['tokens']} tokens in {found['seconds']:.1f} s = "
               f"{found['tokens_s']:.1f} output tokens/s", flush=True)
     forms = args.answer_form or [settings.answer_form]
-    loops = [("naive", 1, "json", True)] + [(f"pipeline{'' if len(forms) == 1 else ' ' + form}", settings.concurrency, form, True)
-                                             for form in forms]
+    # (name, requests in flight, answer form, the key its answers are kept under: the form, or "free" without a grammar)
+    loops = [("naive", 1, "json", "json")] + [(f"pipeline{'' if len(forms) == 1 else ' ' + form}", settings.concurrency, form, form)
+                                               for form in forms]
     if args.unconstrained:
-        loops.append(("pipeline free", settings.concurrency, "json", False))
+        loops.append(("pipeline free", settings.concurrency, "json", "free"))
     results, answers = {}, {}
     with tempfile.TemporaryDirectory() as tmp, llm.LazyEndpoint(params, settings.timeout_s) as ep:
         ep.client()  # start the server before timing
-        for name, concurrency, form, constrained in loops:
+        for name, concurrency, form, kept in loops:
             run_settings = dataclasses.replace(settings, concurrency=concurrency, answer_form=form,
-                                               json_mode=settings.json_mode and constrained)
+                                               json_mode=settings.json_mode and kept != "free")
             start = time.perf_counter()
             found, failures, acct = tag_items(items, ep.client, ep.model, ep.model_sha256, run_settings,
                                               TagCache(Path(tmp) / f"{name.replace(' ', '-')}.jsonl"), progress=False)
             seconds = time.perf_counter() - start
             results[name] = {"items_s": len(items) / seconds, "tokens_s": acct.tokens_out / seconds, "form": form}
-            answers.setdefault(form if constrained else "free", found)
+            answers.setdefault(kept, found)
             print(f"{name:13s}: {len(items)} items in {seconds:.1f} s = {len(items) / seconds:.2f} items/s, "
                   f"{acct.tokens_out / seconds:.1f} output tokens/s, {acct.tokens_in / len(items):.0f} prompt tokens/item, "
                   f"{acct.tokens_out / len(items):.1f} output tokens/item, {len(failures)} failures", flush=True)
     slots = params["llm"]["embedded"]["n_parallel"]
-    for name, _, form, constrained in loops[1:]:
+    for name, _, _, kept in loops[1:]:
         print(f"ratio {name} / naive: {results[name]['items_s'] / results['naive']['items_s']:.2f}x items/s "
               f"(server: {slots} slots, {params['llm']['embedded']['threads']} threads, concurrency {settings.concurrency})")
         if slots in ceilings:
             print(f"ratio {name} / ceiling at {slots} slots: {results[name]['tokens_s'] / ceilings[slots]:.2f} "
                   f"({results[name]['tokens_s']:.1f} of {ceilings[slots]:.1f} output tokens/s)")
-        other = form if constrained else "free"
-        if other != "json":
-            compared = agreement(items, answers["json"], answers[other], ("json", other))
+        if kept != "json":
+            compared = agreement(items, answers["json"], answers[kept], ("json", kept))
             for domain, row in compared.iterrows():
-                print(f"agreement {other} / json, {domain}: mean per-item Jaccard {row['mean Jaccard per item']:.3f}, "
+                print(f"agreement {kept} / json, {domain}: mean per-item Jaccard {row['mean Jaccard per item']:.3f}, "
                       f"items with a tag in common {row['share with a tag in common']:.3f} ({row['items both tag']} items)")
     if ceilings:
         best = max(ceilings, key=ceilings.get)
