@@ -5,7 +5,10 @@ pipeline against a naive loop.
    study's model, context per slot and threads) and as many concurrent requests, each decoding a fixed number of
    tokens (--decode, end-of-sequence ignored) after the real pass-1 prompt of one item (cached after the first
    round, as the pipeline's shared prefixes are): the aggregate decode rate in output tokens/s, the most any
-   tagging loop can get out of this model on this machine;
+   tagging loop can get out of this model on this machine if it read no prompt;
+   with --item-prompts TOKENS, also the ceiling with item prompts: the same, but each request is another item's
+   real prompt, decoding TOKENS: the shared prefix comes from the cache, each item's own tokens (title and text,
+   about 45) are read first, as in the pipeline. Its items/s is the most any loop can tag with these prompts;
 2. naive: one request at a time, one item per request, through the same prompt and validation;
 3. pipeline: tema.tagging.tag_items with llm.concurrency requests in flight, filling the server's
    llm.embedded.n_parallel slots.
@@ -24,6 +27,7 @@ pipeline / naive (issue targets: >= 0.85 and >= 1.3).
     python benchmarks/tag_throughput.py --items 100 --slots 4       # the ceiling at the configured slot count only
     python benchmarks/tag_throughput.py --items 200 --slots 4 --answer-form json list   # and the compact form
     python benchmarks/tag_throughput.py --items 100 --slots 4 --unconstrained          # and without a grammar
+    python benchmarks/tag_throughput.py --items 100 --slots 4 --item-prompts 22        # and the bound with item prompts
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import sys
 import tempfile
 import threading
@@ -47,24 +52,33 @@ from tema.tagging import ANSWER_FORMS, TagCache, build_messages, tag_items  # no
 from tema.tags import compare_sources, domain_prompts, items_to_tag, settings_from_params  # noqa: E402
 
 
-def ceiling(params: dict, slots: int, messages: list[dict[str, str]], decode: int, rounds: int) -> dict[str, float]:
-    """Aggregate decode tokens/s of a fresh server with `slots` slots under `slots` concurrent fixed-length requests."""
+def ceiling(params: dict, slots: int, prompts: list[list[dict[str, str]]], decode: int, rounds: int) -> dict[str, float]:
+    """Aggregate rates of a fresh server with `slots` slots under `slots` concurrent requests that each decode exactly
+    `decode` tokens. The first prompt warms the server (its shared prefix enters the cache); then the requests take
+    the prompts in turn, cycling: one prompt (the decode ceiling) is answered from the cache every time, distinct items'
+    prompts (the ceiling with item prompts) each bring their own tokens to read first, as the pipeline's do."""
     params = copy.deepcopy(params)
     params["llm"]["embedded"]["n_parallel"] = slots
     with llm.endpoint(params) as ep:
         client = ep.client(timeout=600)
 
-        def one() -> int:
+        def one(messages: list[dict[str, str]]) -> tuple[int, int]:
             response = client.chat.completions.create(model=ep.model, messages=messages, max_tokens=decode, temperature=0.0,
                                                       extra_body={"ignore_eos": True})
-            return response.usage.completion_tokens
+            usage = response.usage
+            cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
+            return usage.completion_tokens, usage.prompt_tokens - (cached or 0)
 
-        one()  # warm: the prompt enters the server's cache
-        tokens = [0] * slots
+        one(prompts[0])  # warm: the shared prefix enters the server's cache
+        turn, lock = itertools.cycle(prompts[1:] or prompts), threading.Lock()
+        tokens, fresh, requests = [0] * slots, [0] * slots, [0] * slots
 
         def worker(i: int) -> None:
             for _ in range(rounds):
-                tokens[i] += one()
+                with lock:
+                    messages = next(turn)
+                out, read = one(messages)
+                tokens[i], fresh[i], requests[i] = tokens[i] + out, fresh[i] + read, requests[i] + 1
 
         start = time.perf_counter()
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(slots)]
@@ -73,7 +87,8 @@ def ceiling(params: dict, slots: int, messages: list[dict[str, str]], decode: in
         for t in threads:
             t.join()
         seconds = time.perf_counter() - start
-    return {"tokens_s": sum(tokens) / seconds, "tokens": sum(tokens), "seconds": seconds}
+    return {"tokens_s": sum(tokens) / seconds, "tokens": sum(tokens), "seconds": seconds,
+            "requests_s": sum(requests) / seconds, "fresh_prompt_tokens": sum(fresh) / sum(requests)}
 
 
 def agreement(items, first: dict[int, list[str]], second: dict[int, list[str]], names: tuple[str, str]) -> "pd.DataFrame":
@@ -93,6 +108,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="*", default=[1, 2, 4, 8], help="slot counts of the ceiling")
     parser.add_argument("--decode", type=int, default=48, help="tokens each ceiling request decodes")
     parser.add_argument("--rounds", type=int, default=3, help="requests per slot in the ceiling")
+    parser.add_argument("--item-prompts", type=int, metavar="TOKENS", help="also the ceiling with item prompts: at each slot "
+                        "count, distinct items' real prompts, each decoding TOKENS (the pipeline's output tokens per item, "
+                        "e.g. 22): the items/s bound once each item's own prompt tokens are read")
     parser.add_argument("--parallel", type=int, help="the loops' server slots (default: llm.embedded.n_parallel)")
     parser.add_argument("--concurrency", type=int, help="the pipeline's requests in flight (default: llm.concurrency)")
     parser.add_argument("--answer-form", nargs="+", choices=ANSWER_FORMS, help="the pipeline once per answer form "
@@ -108,14 +126,19 @@ def main() -> None:
     settings = settings_from_params(params)
     dataset = datasets.read_raw(args.dataset, ROOT / "data" / "raw")
     items = items_to_tag(dataset, args.items // 2, domain_prompts(datasets.spec(args.dataset, ROOT / "data" / "raw")))
-    first = items[0]
-    messages = build_messages(first.domain_prompt, first.title, first.text, settings.k)
-    ceilings = {}
+    prompts = [build_messages(item.domain_prompt, item.title, item.text, settings.k) for item in items]
+    ceilings, item_ceilings = {}, {}
     for slots in args.slots:
-        found = ceiling(params, slots, messages, args.decode, args.rounds)
+        found = ceiling(params, slots, prompts[:1], args.decode, args.rounds)
         ceilings[slots] = found["tokens_s"]
         print(f"ceiling : {slots} slot(s): {found['tokens']} tokens in {found['seconds']:.1f} s = "
               f"{found['tokens_s']:.1f} output tokens/s", flush=True)
+        if args.item_prompts:
+            found = ceiling(params, slots, prompts, args.item_prompts, args.rounds)
+            item_ceilings[slots] = found["requests_s"]
+            print(f"ceiling with item prompts: {slots} slot(s): {found['requests_s']:.2f} items/s, "
+                  f"{found['tokens_s']:.1f} output tokens/s ({args.item_prompts} per item), "
+                  f"{found['fresh_prompt_tokens']:.0f} prompt tokens/item read (not from the cache)", flush=True)
     forms = args.answer_form or [settings.answer_form]
     # (name, requests in flight, answer form, the key its answers are kept under: the form, or "free" without a grammar)
     loops = [("naive", 1, "json", "json")] + [(f"pipeline{'' if len(forms) == 1 else ' ' + form}", settings.concurrency, form, form)
@@ -144,6 +167,10 @@ def main() -> None:
         if slots in ceilings:
             print(f"ratio {name} / ceiling at {slots} slots: {results[name]['tokens_s'] / ceilings[slots]:.2f} "
                   f"({results[name]['tokens_s']:.1f} of {ceilings[slots]:.1f} output tokens/s)")
+        if slots in item_ceilings:
+            print(f"ratio {name} / ceiling with item prompts at {slots} slots: "
+                  f"{results[name]['items_s'] / item_ceilings[slots]:.2f} ({results[name]['items_s']:.2f} of "
+                  f"{item_ceilings[slots]:.2f} items/s)")
         if kept != "json":
             compared = agreement(items, answers["json"], answers[kept], ("json", kept))
             for domain, row in compared.iterrows():

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each domain")
     gen.add_argument("--all", action="store_true", help="then the LLM refinement and pass 2 too, writing data/tags/<dataset>/ "
                      "as the stage does (its answers cached as well; `dvc repro` then re-runs the stage from the cache)")
+    gen.add_argument("--source", metavar="NAME", default=None, help="with --all: the dataset's further tag source NAME "
+                     "(tags.other_sources.<dataset>.NAME), written to data/tags/<dataset>/NAME/ as its tags-source stage "
+                     "does; default: the dataset's own source")
     tune = command("tune", "hyper-parameter search on validation, the same budget for every model")
     tune.add_argument("dataset", metavar="DATASET", help="a prepared dataset (its prepare and features stages run)")
     tune.add_argument("--models", nargs="+", default=None, help="default: the models of params.yaml")
@@ -260,10 +263,13 @@ def run_command(argv: list[str]) -> int:
 
         if args.all and args.limit is not None:
             parser.error("--all runs the stage's items (tags.limit_items in params.yaml); it takes no --limit")
+        if args.source is not None and not args.all:
+            parser.error("--source goes with --all (pass 1 alone fills the dataset's answer cache, which all its LLM "
+                         "sources share)")
         stop_on_signals()
         try:
             if args.all:  # the stage's own run does pass 1 first: one cache load, one server
-                summary = run_tags(args.dataset, schema.load())
+                summary = run_tags(args.dataset, schema.load(), args.source)
                 print(json.dumps({k: summary["provenance"].get(k) for k in ("refinement", "mapping", "pass2")}, indent=1))
             else:
                 print(json.dumps(generate(args.dataset, schema.load(), args.limit), indent=2))

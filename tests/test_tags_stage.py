@@ -21,7 +21,7 @@ import yaml
 from conftest import copy_worktree
 from stub_llm import StubLLM
 
-from tema import config, llm, profiles, tags
+from tema import cli, config, llm, profiles, tags
 from tema.tagging import Item, Settings, TagCache, tag_items
 
 CANARY = "sk-canary-7f3a9b1e5d"
@@ -350,3 +350,11 @@ def test_a_further_named_source_is_tagged_beside_the_datasets_own_and_records_it
     with pytest.raises(config.ParamsError, match=r"tags\.other_sources\.food-kitchen\.small: missing; food-kitchen's tag "
                                                  r"sources are \['default', 'large'\]"):
         tags.run("food-kitchen", config.load_params(), "small")
+    # the same from the command line (`tema tags generate DATASET --all --source NAME`), into the same folder
+    shutil.rmtree(out)
+    assert cli.main(["tags", "generate", "food-kitchen", "--all", "--source", "large"]) == 0
+    assert json.loads((out / "provenance.json").read_text())["source_name"] == "large"
+    assert not (tmp_path / "data" / "tags" / "food-kitchen" / "item_tags.tsv").exists()
+    with pytest.raises(SystemExit) as stop:  # --source names what --all writes: alone it would be silently ignored
+        cli.main(["tags", "generate", "food-kitchen", "--source", "large"])
+    assert stop.value.code == 2
