@@ -54,39 +54,40 @@ from tema.tags import compare_sources, domain_prompts, items_to_tag, settings_fr
 
 def ceiling(params: dict, slots: int, prompts: list[list[dict[str, str]]], decode: int, rounds: int) -> dict[str, float]:
     """Aggregate rates of a fresh server with `slots` slots under `slots` concurrent requests that each decode exactly
-    `decode` tokens. The first prompt warms the server (its shared prefix enters the cache); then the requests take
-    the prompts in turn, cycling: one prompt (the decode ceiling) is answered from the cache every time, distinct items'
-    prompts (the ceiling with item prompts) each bring their own tokens to read first, as the pipeline's do."""
+    `decode` tokens. The requests take the prompts in turn, cycling: one prompt (the decode ceiling) is answered from
+    the cache every time; distinct items' prompts (the ceiling with item prompts) each bring their own tokens to read
+    first, as the pipeline's do. A first, untimed round puts the shared prefix into every slot's cache."""
     params = copy.deepcopy(params)
     params["llm"]["embedded"]["n_parallel"] = slots
+    turn, lock = itertools.cycle(prompts), threading.Lock()
+    tokens, fresh, requests = [0] * slots, [0] * slots, [0] * slots
     with llm.endpoint(params) as ep:
         client = ep.client(timeout=600)
 
-        def one(messages: list[dict[str, str]]) -> tuple[int, int]:
-            response = client.chat.completions.create(model=ep.model, messages=messages, max_tokens=decode, temperature=0.0,
-                                                      extra_body={"ignore_eos": True})
-            usage = response.usage
-            cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
-            return usage.completion_tokens, usage.prompt_tokens - (cached or 0)
-
-        one(prompts[0])  # warm: the shared prefix enters the server's cache
-        turn, lock = itertools.cycle(prompts[1:] or prompts), threading.Lock()
-        tokens, fresh, requests = [0] * slots, [0] * slots, [0] * slots
-
-        def worker(i: int) -> None:
-            for _ in range(rounds):
+        def worker(i: int, n: int) -> None:
+            for _ in range(n):
                 with lock:
                     messages = next(turn)
-                out, read = one(messages)
-                tokens[i], fresh[i], requests[i] = tokens[i] + out, fresh[i] + read, requests[i] + 1
+                response = client.chat.completions.create(model=ep.model, messages=messages, max_tokens=decode,
+                                                          temperature=0.0, extra_body={"ignore_eos": True})
+                usage = response.usage
+                cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
+                tokens[i] += usage.completion_tokens
+                fresh[i] += usage.prompt_tokens - cached if cached is not None else float("nan")  # nan: not reported
+                requests[i] += 1
 
-        start = time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(slots)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - start
+        def round_of(n: int) -> float:
+            start = time.perf_counter()
+            threads = [threading.Thread(target=worker, args=(i, n)) for i in range(slots)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return time.perf_counter() - start
+
+        round_of(1)  # warm, untimed: each slot caches the shared prefix
+        tokens[:], fresh[:], requests[:] = [0] * slots, [0] * slots, [0] * slots
+        seconds = round_of(rounds)
     return {"tokens_s": sum(tokens) / seconds, "tokens": sum(tokens), "seconds": seconds,
             "requests_s": sum(requests) / seconds, "fresh_prompt_tokens": sum(fresh) / sum(requests)}
 
@@ -138,7 +139,8 @@ def main() -> None:
             item_ceilings[slots] = found["requests_s"]
             print(f"ceiling with item prompts: {slots} slot(s): {found['requests_s']:.2f} items/s, "
                   f"{found['tokens_s']:.1f} output tokens/s ({args.item_prompts} per item), "
-                  f"{found['fresh_prompt_tokens']:.0f} prompt tokens/item read (not from the cache)", flush=True)
+                  f"{found['fresh_prompt_tokens']:.0f} prompt tokens/item read, not from the cache (nan: the server "
+                  "does not report its cached tokens)", flush=True)
     forms = args.answer_form or [settings.answer_form]
     # (name, requests in flight, answer form, the key its answers are kept under: the form, or "free" without a grammar)
     loops = [("naive", 1, "json", "json")] + [(f"pipeline{'' if len(forms) == 1 else ' ' + form}", settings.concurrency, form, form)
