@@ -139,8 +139,9 @@ def main() -> None:
             item_ceilings[slots] = found["requests_s"]
             print(f"ceiling with item prompts: {slots} slot(s): {found['requests_s']:.2f} items/s, "
                   f"{found['tokens_s']:.1f} output tokens/s ({args.item_prompts} per item), "
-                  f"{found['fresh_prompt_tokens']:.0f} prompt tokens/item read, not from the cache (nan: the server "
-                  "does not report its cached tokens)", flush=True)
+                  f"{found['fresh_prompt_tokens']:.0f} prompt tokens/item read, not from the cache"
+                  f"{' (the server does not report its cached tokens)' if found['fresh_prompt_tokens'] != found['fresh_prompt_tokens'] else ''}",
+                  flush=True)
     forms = args.answer_form or [settings.answer_form]
     # (name, requests in flight, answer form, the key its answers are kept under: the form, or "free" without a grammar)
     loops = [("naive", 1, "json", "json")] + [(f"pipeline{'' if len(forms) == 1 else ' ' + form}", settings.concurrency, form, form)
