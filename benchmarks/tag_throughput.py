@@ -8,7 +8,7 @@ pipeline against a naive loop.
    tagging loop can get out of this model on this machine if it read no prompt;
    with --item-prompts TOKENS, also the ceiling with item prompts: the same, but each request is another item's
    real prompt, decoding TOKENS: the shared prefix comes from the cache, each item's own tokens (title and text,
-   about 45) are read first, as in the pipeline. Its items/s is the most any loop can tag with these prompts;
+   about 40 on art-office) are read first, as in the pipeline. Its items/s is the most any loop can tag with these prompts;
 2. naive: one request at a time, one item per request, through the same prompt and validation;
 3. pipeline: tema.tagging.tag_items with llm.concurrency requests in flight, filling the server's
    llm.embedded.n_parallel slots.
@@ -36,6 +36,7 @@ import argparse
 import copy
 import dataclasses
 import itertools
+import math
 import sys
 import tempfile
 import threading
@@ -140,7 +141,7 @@ def main() -> None:
             print(f"ceiling with item prompts: {slots} slot(s): {found['requests_s']:.2f} items/s, "
                   f"{found['tokens_s']:.1f} output tokens/s ({args.item_prompts} per item), "
                   f"{found['fresh_prompt_tokens']:.0f} prompt tokens/item read, not from the cache"
-                  f"{' (the server does not report its cached tokens)' if found['fresh_prompt_tokens'] != found['fresh_prompt_tokens'] else ''}",
+                  f"{' (the server does not report its cached tokens)' if math.isnan(found['fresh_prompt_tokens']) else ''}",
                   flush=True)
     forms = args.answer_form or [settings.answer_form]
     # (name, requests in flight, answer form, the key its answers are kept under: the form, or "free" without a grammar)
