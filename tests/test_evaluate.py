@@ -114,7 +114,9 @@ def test_profiles_write_their_tables_and_the_full_profile_shares_the_default_mai
     assert full["evaluations"]["art-office"] == art["evaluations"]["art-office"]
     ablations = full["evaluations"]["food-kitchen-ablations"]["models"]
     noise = set(full["evaluations"]["art-office-tag-noise"]["models"]) - {"tema", "tema-no-tags"}  # art-office's experiment
-    assert ablations[0] == "tema" and set(ablations[1:]) == set(full["models"]) & set(registry.ablations_of("tema")) - noise
+    taggers = set(full["evaluations"]["art-office-taggers"]["models"]) - {"tema", "tema-no-tags", "sasrec-text"}
+    assert taggers == {"tema-embedded-tags"}  # art-office's second tag source, against its first
+    assert ablations[0] == "tema" and set(ablations[1:]) == set(full["models"]) & set(registry.ablations_of("tema")) - noise - taggers
     assert noise == {"tema-tag-noise-50", "tema-tag-noise-100"} and config.reference(full, "art-office-tag-noise") == "tema-no-tags"
     # pages likewise: the full and art-office profiles leave the default profile's index.html as it is
     assert default["pages"] == {"index": ["food-kitchen"]} and full["pages"]["index"] == default["pages"]["index"]

@@ -57,7 +57,8 @@ def test_a_profile_extends_another_and_the_derived_keys_follow_its_tables(repo):
 
 def test_runs_are_the_models_each_dataset_is_compared_on(repo):
     full = profiles.profile_params("full")
-    noise = {"tema-tag-noise-50", "tema-tag-noise-100"}  # the tag-noise experiment runs on art-office only
+    # the tag-noise experiment and the tagger comparison run on art-office only
+    noise = {"tema-tag-noise-50", "tema-tag-noise-100", "tema-embedded-tags"}
     assert set(full["runs"]) == {f"{d}-{m}" for d in ("food-kitchen", "art-office") for m in full["models"]
                                  if d == "art-office" or m not in noise}
     profile(repo, "two", {"datasets": ["food-kitchen", "mine"], "evaluations": {
@@ -280,12 +281,18 @@ def test_a_dataset_has_named_tag_sources_side_by_side_and_models_choose_one(repo
     assert config.tags_dir(params, "art-office", "embedded").relative_to(repo).as_posix() == "data/tags/art-office/embedded"
     assert config.tags_dir(params, "art-office", "external-large") == config.tags_dir(params, "art-office")
     assert "art-office-tema-embedded-tags" in params["runs"]
-    assert profiles.profile_params("full")["tag_sources"] == {}  # no further source: no such stage
+    assert profiles.profile_params("default")["tag_sources"] == {}  # no further source: no such stage
+    # the full profile tags art-office a second time, with the embedded model, and compares the two taggers
+    full = profiles.profile_params("full")
+    assert full["tag_sources"] == {"art-office-embedded": {"dataset": "art-office", "source": "embedded",
+                                                           "reader": "tema/datasets/art_office.py"}}
+    assert full["evaluations"]["art-office-taggers"]["models"] == ["tema", "tema-embedded-tags", "tema-no-tags", "sasrec-text"]
+    assert "art-office-taggers" in full["pages"]["full"] and "food-kitchen-tema-embedded-tags" not in full["runs"]
     # a model that names a source its dataset lacks, and a bad source name, are refused when the profile is written
     profile(repo, "lacking", {**two, "tags": {"other_sources": {"art-office": {"Big Model": {"kind": "llm"}}}}})
     found = errors("lacking")
     assert any("tags.other_sources.art-office.Big Model: expected a name of lower-case" in e for e in found), found
-    profile(repo, "lacking", {**two, "tags": {"other_sources": {}}})
+    profile(repo, "lacking", {**two, "extends": "art-office", "tags": {"other_sources": {}}})  # full has the source
     found = errors("lacking")
     assert any("tema-embedded-tags reads the tags of source 'embedded' (tags_from), but art-office's tag sources are "
                "['default']" in e for e in found), found
