@@ -11,7 +11,10 @@ stage imports another to find a file. The layout (all under the repository root)
                              visual.npy, visual_mask.npy, visual_failures.tsv, meta.json; the tag arrays
                              of each further source in tags-<source>/                              (features)
 - data/runs/<dataset>/<model>/seed<k>/   model.pt, history.csv, run.json                           (train)
-- data/eval/<table>/         per_user.parquet, explanations.json                                   (evaluate)
+- data/eval/<table>/         per_user.parquet                                                      (evaluate)
+- reports/tables/<table>.json   what a result page shows of the table: the dataset's statistics, the
+                             results, significance, curves, run times and explanations (evaluate; the
+                             report stage reads only these, so a page renders without data/runs)
 
 A directory whose completion marker (meta.json, run.json) is missing is not finished, and reading it is an
 error that names the stage to run.
@@ -57,6 +60,11 @@ def run_dir(dataset: str, model: str, seed: int) -> Path:
 
 def eval_dir(table: str) -> Path:
     return config.dataset_dir("eval", table)
+
+
+def table_inputs_path(table: str) -> Path:
+    """reports/tables/<table>.json: the evaluate stage's summary of a table for the result pages (committed)."""
+    return reports_dir("tables") / f"{table}.json"
 
 
 def text_memo_dir() -> Path:
@@ -198,7 +206,10 @@ def load_per_user(table: str) -> pd.DataFrame:
     return pd.read_parquet(eval_dir(table) / "per_user.parquet")
 
 
-def load_explanations(table: str) -> dict[str, Any] | None:
-    """The evaluate stage's explanations of a table (sample users' top items and shared tags), or None."""
-    path = eval_dir(table) / "explanations.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def load_table_inputs(table: str) -> dict[str, Any]:
+    """A table's summary for the result pages (evaluate writes it: tema.evaluate.table_inputs)."""
+    path = table_inputs_path(table)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no summary of table {table!r}; run its evaluate stage "
+                                f"(dvc repro evaluate@{table})")
+    return json.loads(path.read_text())

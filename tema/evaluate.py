@@ -4,8 +4,9 @@ A table is a dataset and the models it compares; by default one per dataset, nam
 Outputs: data/eval/<table>/per_user.parquet (rank and metrics of every example, model, seed, split and protocol:
 the input of paired tests), reports/<table>/metrics.json (every test mean and std over seeds) with the same numbers
 in reports/<table>/results.csv, reports/<table>/significance.csv, reports/<table>/headline.json (the few numbers
-`dvc metrics show` lists: tema.views.headline) and reports/curves/<table>.csv (each model's validation curve, mean
-over seeds, for `dvc plots show`).
+`dvc metrics show` lists: tema.views.headline), reports/curves/<table>.csv (each model's validation curve, mean
+over seeds, for `dvc plots show`) and reports/tables/<table>.json (table_inputs: all that a result page shows of the
+table, so that the report stage reads neither the runs nor data/eval and a page renders from committed files).
 """
 
 from __future__ import annotations
@@ -147,8 +148,12 @@ def run(table: str, params: dict[str, Any]) -> pd.DataFrame:
     sig = significance(per_user, reference) if reference else pd.DataFrame()
     sig.to_csv(report_dir / "significance.csv", index=False, float_format="%.6g")
     (report_dir / "headline.json").write_text(json.dumps(views.headline(summary, sig, reference), indent=2) + "\n")
-    write_curves(table, spec["dataset"], spec["models"], TrainConfig.from_params(params).seeds)
-    artifacts.write_json(eval_dir / "explanations.json", explain_users(spec["dataset"], params, explained_model(reference, spec["models"])))
+    seeds = TrainConfig.from_params(params).seeds
+    curves = views.curve_frame(spec["dataset"], spec["models"], seeds)
+    write_curves(table, curves)
+    explained = explain_users(spec["dataset"], params, explained_model(reference, spec["models"]))
+    artifacts.table_inputs_path(table).parent.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(artifacts.table_inputs_path(table), table_inputs(table, spec, seeds, curves, explained))
     compared = tag_source_comparison(params, spec["dataset"], spec["models"])
     if len(compared):
         compared.to_csv(report_dir / "tag_sources.csv", float_format="%.4f")
@@ -173,18 +178,46 @@ def tag_source_comparison(params: dict[str, Any], dataset: str, models: list[str
     return pd.concat(frames, names=["source"])
 
 
-def write_curves(table: str, dataset: str, models: list[str], seeds) -> None:
+def write_curves(table: str, curves: pd.DataFrame) -> None:
     """reports/curves/<table>.csv: per model (display name) and epoch, the validation score and training loss, mean
-    over the seeds still training at that epoch; one file per table, so that `dvc plots show` draws one figure per
-    table with a line per model (dvc.yaml's top-level plots, template .dvc/plots/models.json)."""
-    frames = []
-    for model in models:
-        hist = artifacts.load_histories(dataset, model, seeds)
-        mean = hist.groupby("epoch")[["valid_score", "loss"]].mean().reset_index()
-        frames.append(mean.assign(model=registry.info(model).display)[["model", "epoch", "valid_score", "loss"]])
+    over the seeds still training at that epoch (views.curve_frame); one file per table, so that `dvc plots show`
+    draws one figure per table with a line per model (dvc.yaml's top-level plots, template .dvc/plots/models.json)."""
+    shown = curves.assign(model=curves["model"].map(lambda m: registry.info(m).display))
     out = artifacts.reports_dir("curves") / f"{table}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    pd.concat(frames, ignore_index=True).to_csv(out, index=False, float_format="%.6f")
+    shown[["model", "epoch", "valid_score", "loss"]].to_csv(out, index=False, float_format="%.6f")
+
+
+def records(frame: pd.DataFrame, digits: int | None = None) -> list[dict[str, Any]]:
+    """A table as JSON rows (NaN as null), floats rounded to `digits` decimals if given."""
+    shown = (frame.round(digits) if digits is not None else frame).astype(object)
+    return shown.where(shown.notna(), None).to_dict("records")
+
+
+def table_inputs(table: str, spec: dict[str, Any], seeds, curves: pd.DataFrame, explained: dict[str, Any] | None
+                 ) -> dict[str, Any]:
+    """reports/tables/<table>.json: what a result page (tema.report) shows of one table, read back from the files
+    this stage wrote (results.csv, significance.csv) and from below it (the dataset's statistics, the runs' times
+    and curves). The report stage depends on these files alone, so a page renders again from a clone without
+    data/runs or data/eval, and a profile's tables can be evaluated on different machines."""
+    report_dir = artifacts.reports_dir(table)
+    sig_path = report_dir / "significance.csv"
+    sig = pd.read_csv(sig_path) if sig_path.stat().st_size > 1 else pd.DataFrame()
+    runs = []
+    for model in spec["models"]:
+        for seed in seeds:
+            done = artifacts.load_run_summary(spec["dataset"], model, seed)
+            runs.append({"model": model, "seed": int(seed), "best_epoch": int(done.get("best_epoch", 0)),
+                         "train_seconds": round(float(done.get("train_seconds", 0.0)), 1), "device": str(done.get("device", "?"))})
+    return {
+        "table": table, "dataset": spec["dataset"], "models": list(spec["models"]), "seeds": [int(s) for s in seeds],
+        "stats": artifacts.load_stats(spec["dataset"]),
+        "results": records(pd.read_csv(report_dir / "results.csv")),
+        "significance": records(sig),
+        "curves": records(curves, 6),
+        "runs": runs,
+        "explanations": explained,
+    }
 
 
 def explained_model(reference: str | None, models: list[str]) -> str | None:

@@ -4,8 +4,9 @@ the only one), rendered from what the stages below saved: no model is loaded or 
 A page holds, per evaluation table: the statistics of the prepared data (once per dataset), the test results
 (models x protocols x domains x metrics, mean ± std over seeds), significance, the training curves, and links to
 every stage's executed notebook as HTML. Figures are embedded as PNG so the page is one self-contained file.
-Tables and figures come from tema.views; model names, groups and deviations from the model registry; the
-explanations of sample users from the evaluate stage (data/eval/<table>/explanations.json).
+Tables and figures come from tema.views; model names, groups and deviations from the model registry; everything
+else from the evaluate stage's summary of each table (reports/tables/<table>.json: statistics, results,
+significance, curves, run times, explanations of sample users), so a page renders without data/runs or data/eval.
 """
 
 from __future__ import annotations
@@ -58,9 +59,22 @@ def seeds_of(params: dict[str, Any]) -> list[int]:
     return list(config.get(params, "train.seeds", list))
 
 
+def inputs_of(name: str) -> dict[str, Any]:
+    """The evaluate stage's summary of table `name` (artifacts.load_table_inputs)."""
+    return artifacts.load_table_inputs(name)
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """JSON rows as a table (null as NaN in numeric columns, as the CSV files they were read from gave them)."""
+    return pd.DataFrame(rows) if rows else pd.DataFrame()
+
+
+def results_of(name: str) -> pd.DataFrame:
+    return frame(inputs_of(name)["results"])
+
+
 def significance_of(name: str) -> pd.DataFrame:
-    path = artifacts.reports_dir(name) / "significance.csv"
-    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+    return frame(inputs_of(name)["significance"])
 
 
 def result_groups(models: list[str]) -> list[tuple[str, list[str], tuple[str, ...] | None]]:
@@ -110,7 +124,7 @@ SIGNIFICANCE_NOTE = (
 
 def results_html(name: str, models: list[str], seeds: list[int]) -> str:
     """The test results of one table: a block per group and protocol, then the significance table."""
-    summary = pd.read_csv(artifacts.reports_dir(name) / "results.csv")
+    summary = results_of(name)
     sig = significance_of(name)
     p_of = {(r.model, r.protocol, r.domain, r.metric): (r.p_value, r.p_holm) for r in sig.itertuples()} if len(sig) else {}
     parts = [
@@ -151,7 +165,8 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
     spec = config.evaluations(params)[name]
     dataset, models = spec["dataset"], spec["models"]
     seeds = seeds_of(params)
-    stats = artifacts.load_stats(dataset)
+    inputs = inputs_of(name)
+    stats = inputs["stats"]
     heading = dataset if name == dataset else f"{name} ({dataset})"
     parts = [f'<h2 id="{html.escape(name)}">{html.escape(heading)}</h2>']
     domains = ", ".join(f"{d} = {html.escape(n)} ({stats['items'][d]:,} items)" for d, n in stats["domains"].items())
@@ -161,9 +176,10 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
         parts.append("<h3>Dataset statistics</h3>" + html_table(stats_tables(stats)))
     parts.append(results_html(name, models, seeds))
     labels = {m: registry.info(m).display for m in models}
-    parts.append("<h3>Training curves</h3>" + img_tag(figure_png(plot_curves(dataset, models, seeds, labels)), f"{name} curves"))
+    curves = plot_curves(frame(inputs["curves"]), labels, title=dataset)
+    parts.append("<h3>Training curves</h3>" + img_tag(figure_png(curves), f"{name} curves"))
     if first_of_dataset:
-        parts.append(explanations_section(artifacts.load_explanations(name)))
+        parts.append(explanations_section(inputs["explanations"]))
         parts.append(tuning_section(dataset, models))
     links = [("prepare", f"{dataset}/prepare.html"), ("tags", f"{dataset}/tags.html"),
              ("features", f"{dataset}/features.html")]
@@ -244,7 +260,7 @@ def short_title(item: dict[str, Any]) -> str:
 
 
 def explanations_section(explained: dict[str, Any] | None) -> str:
-    """The evaluate stage's explanations (artifacts.load_explanations): for a few sampled test users, the history
+    """The evaluate stage's explanations (tema.evaluate.explain_users, in the table's summary): for a few sampled test users, the history
     with each item's tags and the attention of the last step over it, then the top recommendations with the tags
     they share with the history in bold."""
     if not explained or not explained["users"]:
@@ -323,14 +339,13 @@ def findings_section(shown: list[str], params: dict[str, Any]) -> str:
     """The box a reader sees first: per table of the page, its reference model (TEMA) against the best baseline of
     each domain under full ranking (the unbiased protocol), and against TEMA without tags where the table has it,
     generated from the evaluate stage's significance tests (paired Wilcoxon over test users, Holm within a group)."""
-    tables = config.evaluations(params)
     parts = []
     for name in shown:
         sig = significance_of(name)
         if not len(sig):
             continue
         reference = display(sig["reference"].iloc[0])
-        domains = artifacts.load_stats(tables[name]["dataset"])["domains"]
+        domains = inputs_of(name)["stats"]["domains"]
         best = best_opponents(sig)
         full = best[best["protocol"] == PRIMARY_PROTOCOL] if len(best) else best
         lines = []
@@ -387,18 +402,10 @@ def provenance_line(shown: list[str], params: dict[str, Any]) -> str:
     """Commit, profile, seeds and the training time behind the page, in one line (no clock time: a page rendered
     again from the same runs is the same file)."""
     tables = config.evaluations(params)
-    runs = {(tables[t]["dataset"], m) for t in shown for m in tables[t]["models"]}
+    runs = {(tables[t]["dataset"], r["model"], r["seed"]): r for t in shown for r in inputs_of(t)["runs"]}
     seeds = seeds_of(params)
-    seconds, devices, n_runs = 0.0, set(), 0
-    for dataset, model in sorted(runs):
-        for seed in seeds:
-            try:
-                summary = artifacts.load_run_summary(dataset, model, seed)
-            except FileNotFoundError:
-                continue
-            seconds += float(summary.get("train_seconds", 0.0))
-            devices.add(str(summary.get("device", "?")))
-            n_runs += 1
+    seconds = sum(float(r["train_seconds"]) for r in runs.values())
+    devices, n_runs = {str(r["device"]) for r in runs.values()}, len(runs)
     commit = git("rev-parse", "--short=10", "HEAD")
     when = git("log", "-1", "--format=%cs") if commit else None
     changed = git("status", "--porcelain", "--", "tema", "notebooks", "dvc.yaml", "profiles") if commit else None
@@ -445,7 +452,7 @@ def leaderboard_section(shown: list[str], params: dict[str, Any]) -> str:
         return ""
     columns = {}
     for t in mains:
-        summary = pd.read_csv(artifacts.reports_dir(t) / "results.csv")
+        summary = results_of(t)
         full = summary[(summary["protocol"] == PRIMARY_PROTOCOL) & summary["model"].map(lambda m: registry.info(m).group != "ablation")]
         for domain in sorted(set(full["domain"])):
             col = full[full["domain"] == domain].set_index("model")["mean_MRR"]

@@ -662,8 +662,8 @@ def cached_answers(items: Iterable[Item], make: Callable[[Item], Request], cache
     return tags, todo
 
 
-def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, mininterval=5,
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "item") -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=5,
                 disable=not progress or os.environ.get("TEMA_PROGRESS") == "0")
 
 

@@ -54,6 +54,7 @@ from tema.tagging import (
     is_endpoint_failure,
     normalize_tag,
     product_block,
+    progress_bar,
     prompt_hash,
     tag_items,
 )
@@ -286,7 +287,8 @@ def ask_refine_chunks(chunks: list[RefineChunk], client, model: str, domain_name
         cache.put({"key": chunk.key, "status": "ok", "domain": domain_name, "answer": value})
         return None
 
-    runner.run(ask_one, [(chunk,) for chunk in chunks])
+    with progress_bar(len(chunks), f"LLM refine {domain_name}", True, unit="chunk") as bar:  # ~1 min a chunk on 2 cores
+        runner.run(ask_one, [(chunk,) for chunk in chunks], on_finished=bar.update)
 
 
 def add_synonym_merges(pairs: Any, rank: dict[str, int], merges: dict[str, str], counts: dict[str, int]) -> None:

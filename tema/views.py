@@ -89,27 +89,45 @@ def stats_tables(stats: dict[str, Any]) -> pd.DataFrame:
 
 # -- train ---------------------------------------------------------------------------------------------
 
-def plot_curves(dataset: str, models: list[str], seeds, labels: dict[str, str] | None = None) -> Figure:
-    """Validation score (mean full-ranking MRR of the domains) and training loss per epoch: one line per model, the
-    mean over its seeds (over the seeds still training at that epoch), with the seeds' range shaded; the legend sits
-    beside the panels, so that no line hides under it."""
+CURVE_COLUMNS = ("valid_score", "loss")
+
+
+def curve_frame(dataset: str, models: list[str], seeds) -> pd.DataFrame:
+    """Per model and epoch, the validation score (mean full-ranking MRR of the domains) and the training loss: the
+    mean, min and max over the seeds still training at that epoch (<column>, <column>_min, <column>_max), and how many
+    seeds that is (`seeds`). What plot_curves draws; the evaluate stage keeps it for the result pages."""
+    frames = []
+    for model in models:
+        by_epoch = artifacts.load_histories(dataset, model, seeds).groupby("epoch")
+        frame = by_epoch[list(CURVE_COLUMNS)].mean()
+        for column in CURVE_COLUMNS:
+            frame[f"{column}_min"], frame[f"{column}_max"] = by_epoch[column].min(), by_epoch[column].max()
+        frame["seeds"] = by_epoch["seed"].nunique()
+        frames.append(frame.reset_index().assign(model=model))
+    columns = ["model", "epoch", *CURVE_COLUMNS, *(f"{c}_{b}" for c in CURVE_COLUMNS for b in ("min", "max")), "seeds"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def plot_curves(curves: pd.DataFrame, labels: dict[str, str] | None = None, title: str = "") -> Figure:
+    """Validation score and training loss per epoch (curve_frame): one line per model, the mean over its seeds, with
+    the seeds' range shaded; the legend sits beside the panels, so that no line hides under it."""
     fig, axes = new_figure(1, 2, size=(11, 3.6))
     ax_score, ax_loss = axes[0]
+    models = ordered(curves["model"])
     for model, color in zip(models, model_colors(len(models)), strict=True):
-        hist = artifacts.load_histories(dataset, model, seeds)
-        by_epoch = hist.groupby("epoch")
+        rows = curves[curves["model"] == model].sort_values("epoch")
         label = (labels or {}).get(model, model)
         for ax, column in ((ax_score, "valid_score"), (ax_loss, "loss")):
-            if not hist[column].notna().any():
+            if not rows[column].notna().any():
                 continue
-            mean, low, high = by_epoch[column].mean(), by_epoch[column].min(), by_epoch[column].max()
-            marker = "o" if len(mean) == 1 else None
-            ax.plot(mean.index, mean.to_numpy(), color=color, label=label if ax is ax_score else None, marker=marker, lw=1.5)
-            if len(mean) > 1 and hist["seed"].nunique() > 1:
-                ax.fill_between(mean.index, low.to_numpy(), high.to_numpy(), color=color, alpha=0.15, lw=0)
-    ax_score.set(xlabel="epoch", ylabel="valid MRR (full, mean of domains)", title=f"{dataset}: validation")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"{dataset}: training loss")
-    n_seeds = len(list(seeds))
+            marker = "o" if len(rows) == 1 else None
+            ax.plot(rows["epoch"], rows[column], color=color, label=label if ax is ax_score else None, marker=marker, lw=1.5)
+            if len(rows) > 1 and rows["seeds"].max() > 1:
+                ax.fill_between(rows["epoch"], rows[f"{column}_min"], rows[f"{column}_max"], color=color, alpha=0.15, lw=0)
+    name = f"{title}: " if title else ""
+    ax_score.set(xlabel="epoch", ylabel="valid MRR (full, mean of domains)", title=f"{name}validation")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"{name}training loss")
+    n_seeds = int(curves["seeds"].max()) if len(curves) else 0
     fig.legend(loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=8, frameon=False,
                title=f"mean of {n_seeds} seed(s)" + (", range shaded" if n_seeds > 1 else ""), title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.80, 1))

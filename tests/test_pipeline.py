@@ -157,6 +157,29 @@ def test_second_repro_does_nothing_and_forced_repro_is_byte_identical(smoke_repo
 
 
 @pytest.mark.slow
+def test_the_result_pages_render_from_the_committed_table_summaries_alone(smoke_repo):
+    """The report stage reads only reports/tables/<table>.json (and the registry): with the runs, the per-user
+    metrics, the prepared data and the features gone, as on a fresh clone or on a machine that evaluated another
+    table of the profile, `dvc repro -s report@...` renders the same pages byte for byte."""
+    tables = json.loads((smoke_repo / "reports/tables/food-kitchen.json").read_text())
+    assert tables["dataset"] == "food-kitchen" and tables["models"] == MODELS
+    assert {(r["model"], r["seed"]) for r in tables["runs"]} == {(m, s) for m in MODELS for s in tables["seeds"]}
+    assert {r["model"] for r in tables["curves"]} == set(MODELS) and tables["explanations"]["model"] == "tema"
+    pages = ["reports/index.html", "reports/ablations.html"]
+    before = {p: (smoke_repo / p).read_bytes() for p in pages}
+    moved = [smoke_repo / "data" / d for d in ("runs", "eval", "prepared", "features")]
+    for folder in moved:
+        folder.rename(folder.with_name(folder.name + ".away"))
+    try:
+        out = sh("dvc", "repro", "--force", "--single-item", "report@index", "report@ablations", cwd=smoke_repo)
+        assert "Running stage 'report@index'" in out and "Running stage 'report@ablations'" in out
+    finally:
+        for folder in moved:
+            folder.with_name(folder.name + ".away").rename(folder)
+    assert {p: (smoke_repo / p).read_bytes() for p in pages} == before
+
+
+@pytest.mark.slow
 def test_tune_command_writes_a_profile_fragment_the_profiles_accept(smoke_repo):
     out = sh("tema", "tune", "food-kitchen", "--models", "popularity", "sasrec-text", "--trials", "2", cwd=smoke_repo)
     assert "tuned-params.yaml" in out
