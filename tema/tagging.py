@@ -691,6 +691,17 @@ def tag_items(
     acct = Accounting()
     make = request or (lambda item: pass1_request(item, model, model_sha256, settings))
     tags, todo = cached_answers(items, make, cache, acct)
+    # items with the same question (the same title and text: duplicate listings) are asked once and share the answer.
+    # Asked apart, their answers could differ with the server's batching of parallel slots, and a re-run, which reads
+    # the one answer the cache keeps per question, would then not give the first run's tags.
+    first: dict[str, tuple[Request, Item]] = {}
+    twins: dict[str, list[Item]] = {}
+    for req, item in todo:
+        if req.key in first:
+            twins.setdefault(req.key, []).append(item)
+        else:
+            first[req.key] = (req, item)
+    todo = list(first.values())
     failures: dict[int, str] = {}
     started = time.perf_counter()
     client = get_client() if todo else None
@@ -707,15 +718,17 @@ def tag_items(
                 cache.put({"key": req.key, "item_id": item.item_id, "status": "failed", "reason": err.reason,
                            "detail": clip(str(err), MAX_DETAIL_CHARS)})
             with lock:
-                failures[item.item_id] = err.reason
-                acct.failed += 1
-                acct.failure_reasons[err.reason] = acct.failure_reasons.get(err.reason, 0) + 1
+                for one_item in (item, *twins.get(req.key, ())):
+                    failures[one_item.item_id] = err.reason
+                    acct.failed += 1
+                    acct.failure_reasons[err.reason] = acct.failure_reasons.get(err.reason, 0) + 1
             return err
         cache.put({"key": req.key, "item_id": item.item_id, "status": "ok", "tags": result, "model": model,
                    "seconds": round(time.perf_counter() - t0, 3), **info})
         with lock:
-            tags[item.item_id] = result
-            acct.answered += 1
+            for one_item in (item, *twins.get(req.key, ())):
+                tags[one_item.item_id] = list(result)
+                acct.answered += 1
         return None
 
     bar = progress_bar(len(todo), desc, progress)

@@ -126,6 +126,22 @@ def test_cache_hits_and_exact_invalidation(tmp_path, monkeypatch):
         assert len(stub.requests) == 19 + 12  # another model: everything
 
 
+def test_items_asking_the_same_question_are_asked_once_and_share_the_answer(tmp_path):
+    """Duplicate listings (same domain, title and text) make one request: answered apart, parallel slots could give
+    them different tags, and a re-run from the cache (one answer per question) would not repeat the first run."""
+    its = items(6) + [Item(10 + i, FOOD if i % 2 == 0 else KITCHEN, f"product number{i} crunchy granola item{i}", "") for i in (0, 1)]
+    path = tmp_path / "c.jsonl"
+    with StubLLM() as stub:
+        tags, failures, acct = run(stub.base_url, its, TagCache(path))
+        assert len(stub.requests) == 6
+    assert not failures and acct.answered == 8 and acct.requests == 6
+    assert tags[10] == tags[0] and tags[11] == tags[1]
+    with StubLLM() as stub:  # the re-run from the cache gives the same tags, asking nothing
+        again, _, acct = run(stub.base_url, its, TagCache(path))
+        assert not stub.requests and acct.cached == 8
+    assert again == tags
+
+
 def test_torn_last_line_is_ignored_and_cut(tmp_path):
     path = tmp_path / "c.jsonl"
     with StubLLM() as stub:
