@@ -286,6 +286,7 @@ def test_a_dataset_has_named_tag_sources_side_by_side_and_models_choose_one(repo
     full = profiles.profile_params("full")
     assert full["tag_sources"] == {"art-office-embedded": {"dataset": "art-office", "source": "embedded",
                                                            "reader": "tema/datasets/art_office.py"}}
+    assert config.source_names(full, "art-office") == ["external-large", "embedded"]  # both named in its tables
     assert full["evaluations"]["art-office-taggers"]["models"] == ["tema", "tema-embedded-tags", "tema-no-tags", "sasrec-text"]
     assert "art-office-taggers" in full["pages"]["full"] and "food-kitchen-tema-embedded-tags" not in full["runs"]
     # a model that names a source its dataset lacks, and a bad source name, are refused when the profile is written
@@ -295,4 +296,4 @@ def test_a_dataset_has_named_tag_sources_side_by_side_and_models_choose_one(repo
     profile(repo, "lacking", {**two, "extends": "art-office", "tags": {"other_sources": {}}})  # full has the source
     found = errors("lacking")
     assert any("tema-embedded-tags reads the tags of source 'embedded' (tags_from), but art-office's tag sources are "
-               "['default']" in e for e in found), found
+               "['external-large']" in e for e in found), found
