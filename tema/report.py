@@ -289,16 +289,16 @@ def explanations_section(explained: dict[str, Any] | None) -> str:
             recs.append(f"<tr><td>{rank}</td><td style='text-align:left'>{short_title(item)}{hit}</td><td style='text-align:left'>{tags}</td></tr>")
         parts.append(
             f"<h4>User {html.escape(user['user'])}: next item in {user['target_domain']} (target: {short_title(user['target'])})</h4>"
-            "<table class='table'><tr><th>domain</th><th>history item (oldest first)</th><th>tags</th><th>self-attention</th>"
-            "<th>tag attention</th><th>cross-domain attention</th></tr>" + "".join(rows) + "</table>"
-            "<table class='table'><tr><th>rank</th><th>recommended</th><th>tags (shared with the history in bold)</th></tr>"
-            + "".join(recs) + "</table>"
+            "<div class='wide'><table class='table'><tr><th>domain</th><th>history item (oldest first)</th><th>tags</th>"
+            "<th>self-attention</th><th>tag attention</th><th>cross-domain attention</th></tr>" + "".join(rows) + "</table></div>"
+            "<div class='wide'><table class='table'><tr><th>rank</th><th>recommended</th><th>tags (shared with the history in bold)</th></tr>"
+            + "".join(recs) + "</table></div>"
         )
     return "\n".join(parts)
 
 
 STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1280px; margin: 2em auto; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 1280px; box-sizing: border-box; margin: 2em auto; padding: 0 1em; color: #222; }
 table.table { border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }
 table.table th, table.table td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; white-space: nowrap; }
 div.wide { overflow-x: auto; }

@@ -52,6 +52,8 @@ def test_the_report_renders_saved_explanations_without_a_model():
     assert "<h3>Explanations (TEMA, seed 1)</h3>" in page and "top 2 items" in page
     assert "<b>mug</b>, steel" in page and "item 9 (the target)" in page and "item 8</td>" in page
     assert page.count("0.75") == 1 and report.explanations_section(None) == ""
+    # nowrap cells with long item titles must scroll inside their box, not widen the whole page
+    assert page.count("<table") == page.count("<div class='wide'><table") == 2
 
 
 def significance() -> pd.DataFrame:
