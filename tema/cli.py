@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("dataset", metavar="DATASET", help="a prepared dataset (its prepare and features stages run)")
     tune.add_argument("--models", nargs="+", default=None, help="default: the models of params.yaml")
     tune.add_argument("--trials", type=positive_int, default=None, help="trials per model (default: tune.trials)")
+    joint = command("tune-joint", "one configuration per model from several datasets' searches (on validation)")
+    joint.add_argument("datasets", metavar="DATASET", nargs="+", help="datasets whose reports/<dataset>/tuning.csv exist")
     for name, (_, summary) in DELEGATED.items():  # parsed by their own module; here for `tema --help`
         command(name, summary)
     listed = [(f"tema {usage}", summary) for usage, summary in command_lines(parser)]
@@ -255,6 +257,12 @@ def run_command(argv: list[str]) -> int:
         table = tune_run(args.dataset, schema.load(), args.models, args.trials)
         print(table.drop(columns=["params"]).to_string(index=False))
         print(f"wrote reports/{args.dataset}/tuning.csv and reports/{args.dataset}/tuned-params.yaml")
+    elif args.command == "tune-joint":
+        from tema.tune import run_joint
+
+        table = run_joint(args.datasets)
+        print(table.drop(columns=["params"]).to_string(index=False))
+        print("wrote reports/tuning-joint.csv and reports/tuned-params.yaml")
     elif args.command == "tags":
         import json
 

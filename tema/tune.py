@@ -274,3 +274,74 @@ def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = No
     body = yaml.safe_dump({"model_params": best_params(table)}, sort_keys=False)
     (reports / "tuned-params.yaml").write_text(header + body, encoding="utf-8")
     return table
+
+
+def effective(model: str, params_json: str) -> str:
+    """A trial's configuration with the model's defaults filled in, as one comparable string: a key left out and the
+    same key set to its default are the same configuration (the two datasets' searches may spell it either way)."""
+    found = json.loads(params_json)
+    defaults = {k: v for k, v in model_defaults(model).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return json.dumps({**defaults, **found}, sort_keys=True)
+
+
+def joint_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One configuration per model across several datasets' searches (`tema tune-joint`).
+
+    Each dataset's search tried up to `tune.trials` configurations per model on its own validation split. For a
+    model, the configurations tried on every dataset (compared with defaults filled in) are scored by the mean, over
+    the datasets, of their validation MRR divided by the best validation MRR of that model on that dataset (1.0: the
+    best on each). The ratio puts datasets whose MRR levels differ on one scale. The best score wins; a tie goes to
+    the configuration listed first by the first dataset. One row per (model, configuration tried on all datasets).
+    The test split is not read: tuning.csv holds validation scores only."""
+    names = list(tables)
+    if len(names) < 2:
+        raise config.ParamsError(f"a joint selection needs the searches of two datasets or more, got {names}")
+    rows = []
+    models = [m for m in dict.fromkeys(tables[names[0]]["model"]) if all(m in set(tables[n]["model"]) for n in names)]
+    missing = sorted({m for n in names for m in tables[n]["model"]} - set(models))
+    if missing:
+        print(f"tune-joint: {missing} were not searched on every one of {names}; they are left out", file=sys.stderr)
+    for model in models:
+        per = {}
+        for name in names:
+            own = tables[name][tables[name]["model"] == model]
+            best = float(own["valid_MRR"].max())
+            per[name] = {effective(model, row.params): (row.trial, float(row.valid_MRR), float(row.valid_MRR) / best if best > 0 else 0.0,
+                                                       row.params) for row in own.itertuples(index=False)}
+        common = [key for key in per[names[0]] if all(key in per[n] for n in names)]
+        if not common:
+            raise config.ParamsError(f"tune-joint: no configuration of {model} was tried on every one of {names}; "
+                                     "run `tema tune` with the same params.yaml on each")
+        for order, key in enumerate(common):
+            row = {"model": model, "order": order, "params": per[names[0]][key][3]}
+            for name in names:
+                trial, valid, ratio, _ = per[name][key]
+                row[f"trial ({name})"] = trial
+                row[f"valid_MRR ({name})"] = round(valid, 6)
+                row[f"ratio ({name})"] = round(ratio, 4)
+            row["joint_score"] = round(float(np.mean([per[n][key][2] for n in names])), 4)
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    top = table.sort_values(["model", "joint_score", "order"], ascending=[True, False, True]).groupby("model").head(1)
+    table["best"] = table.index.isin(top.index)
+    return table.drop(columns=["order"])
+
+
+def run_joint(dataset_names: list[str]) -> pd.DataFrame:
+    """Read reports/<dataset>/tuning.csv of each dataset; write reports/tuning-joint.csv and reports/tuned-params.yaml
+    (each model's configuration of the best joint score, as a profile fragment)."""
+    reports = config.repo_root() / "reports"
+    tables = {}
+    for name in dict.fromkeys(dataset_names):
+        path = reports / name / "tuning.csv"
+        if not path.exists():
+            raise config.ParamsError(f"{path.relative_to(config.repo_root())}: not found; run `tema tune {name}` first")
+        tables[name] = pd.read_csv(path, dtype={"fingerprint": str})
+    table = joint_table(tables)
+    table.to_csv(reports / "tuning-joint.csv", index=False)
+    best = {row.model: json.loads(row.params) for row in table[table["best"]].itertuples(index=False)}
+    header = (f"# One configuration per model for {', '.join(tables)}, from `tema tune-joint`: among the configurations\n"
+              "# searched on every dataset, the best mean of validation MRR / the model's best validation MRR there.\n"
+              "# A profile overlays profiles/default.yaml: copy this into profiles/ and add what else the study runs with.\n")
+    (reports / "tuned-params.yaml").write_text(header + yaml.safe_dump({"model_params": best}, sort_keys=False), encoding="utf-8")
+    return table

@@ -190,3 +190,49 @@ def test_tuning_models_one_at_a_time_keeps_the_earlier_rows_while_their_runs_sta
     shutil.rmtree(tmp_path / "data" / "tuning" / "synthetic" / "gru4rec")
     table = tune.run("synthetic", params, models=["sasrec"])
     assert list(zip(table["model"], table["trial"])) == [("gru4rec", 0), ("sasrec", 0), ("sasrec", 1)]
+
+
+def _rows(model, trials):
+    return [{"model": model, "trial": k, "valid_MRR": v, "params": json.dumps(p, sort_keys=True)} for k, (p, v) in enumerate(trials)]
+
+
+def test_the_joint_selection_scores_configurations_tried_on_every_dataset_on_one_scale():
+    base = {"dim": 64, "dropout": 0.5}
+    gate = {**base, "gate": True}
+    # food: MRR around 0.07; art: around 0.02. The gate config is second best on food but far best on art.
+    food = pd.DataFrame(_rows("tema", [(base, 0.080), (gate, 0.068), ({**base, "tag_dropout": 0.3}, 0.072)])
+                        + _rows("sasrec", [({"dropout": 0.2}, 0.06)]))
+    art = pd.DataFrame(_rows("tema", [({**gate}, 0.025), ({**base, "gate": False, "tag_dropout": 0.0}, 0.018)]))
+    table = tune.joint_table({"food": food, "art": art})
+    assert set(table["model"]) == {"tema"}  # sasrec was not searched on art: left out
+    # {base} on food and {base, gate: False, tag_dropout: 0.0} on art are one configuration (defaults filled in);
+    # tag_dropout 0.3 was tried on food only and is not a candidate
+    assert len(table) == 2
+    best = table[table["best"]].iloc[0]
+    assert json.loads(best["params"]) == gate
+    assert best["ratio (art)"] == 1.0 and best["joint_score"] == round((0.068 / 0.080 + 1.0) / 2, 4)
+    # raw means would let food's larger MRR decide (base 0.049 against gate 0.0465); the ratios do not
+    other = table[~table["best"]].iloc[0]
+    assert other["valid_MRR (food)"] + other["valid_MRR (art)"] > best["valid_MRR (food)"] + best["valid_MRR (art)"]
+    assert other["joint_score"] < best["joint_score"]
+    with pytest.raises(config.ParamsError, match="two datasets or more"):
+        tune.joint_table({"food": food})
+    lone = pd.DataFrame(_rows("tema", [({**base, "tag_dropout": 0.5}, 0.02)]))
+    with pytest.raises(config.ParamsError, match="no configuration of tema was tried on every one"):
+        tune.joint_table({"food": food, "art": lone})
+
+
+def test_tune_joint_writes_the_table_and_the_profile_fragment(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "repo_root", lambda: tmp_path)
+    for name, mrr in (("food", (0.07, 0.06)), ("art", (0.01, 0.02))):
+        (tmp_path / "reports" / name).mkdir(parents=True)
+        pd.DataFrame(_rows("sasrec", [({"dropout": 0.2}, mrr[0]), ({"dropout": 0.5}, mrr[1])])).to_csv(
+            tmp_path / "reports" / name / "tuning.csv", index=False)
+    table = tune.run_joint(["food", "art"])
+    assert (tmp_path / "reports" / "tuning-joint.csv").exists()
+    fragment = yaml.safe_load((tmp_path / "reports" / "tuned-params.yaml").read_text())
+    # dropout 0.2: 1.0 on food, 0.5 on art (0.75); dropout 0.5: 0.857 and 1.0 (0.929)
+    assert fragment == {"model_params": {"sasrec": {"dropout": 0.5}}}
+    assert table.loc[table["best"], "joint_score"].item() == round((0.06 / 0.07 + 1.0) / 2, 4)
+    with pytest.raises(config.ParamsError, match=r"reports/nosuch/tuning.csv: not found; run `tema tune nosuch` first"):
+        tune.run_joint(["food", "nosuch"])
