@@ -77,6 +77,12 @@ def reports_dir(name: str = "") -> Path:
     return out / name if name else out
 
 
+def tuning_dir() -> Path:
+    """reports/tuning/ (committed): the searches of `tema tune` (<dataset>.csv, <dataset>-params.yaml) and of
+    `tema tune-joint` (joint.csv, joint-params.yaml). The report stage depends on the folder and shows them."""
+    return reports_dir("tuning")
+
+
 # -- writing -------------------------------------------------------------------------------------------
 
 def write_npy(path: Path, array: np.ndarray) -> None:

@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--models", nargs="+", default=None, help="default: the models of params.yaml")
     tune.add_argument("--trials", type=positive_int, default=None, help="trials per model (default: tune.trials)")
     joint = command("tune-joint", "one configuration per model from several datasets' searches (on validation)")
-    joint.add_argument("datasets", metavar="DATASET", nargs="+", help="datasets whose reports/<dataset>/tuning.csv exist")
+    joint.add_argument("datasets", metavar="DATASET", nargs="+", help="datasets searched with `tema tune` (reports/tuning/<dataset>.csv)")
     for name, (_, summary) in DELEGATED.items():  # parsed by their own module; here for `tema --help`
         command(name, summary)
     listed = [(f"tema {usage}", summary) for usage, summary in command_lines(parser)]
@@ -256,13 +256,13 @@ def run_command(argv: list[str]) -> int:
         datasets.spec(args.dataset)  # an unknown dataset: said so, not as a missing prepare output
         table = tune_run(args.dataset, schema.load(), args.models, args.trials)
         print(table.drop(columns=["params"]).to_string(index=False))
-        print(f"wrote reports/{args.dataset}/tuning.csv and reports/{args.dataset}/tuned-params.yaml")
+        print(f"wrote reports/tuning/{args.dataset}.csv and reports/tuning/{args.dataset}-params.yaml")
     elif args.command == "tune-joint":
         from tema.tune import run_joint
 
         table = run_joint(args.datasets)
         print(table.drop(columns=["params"]).to_string(index=False))
-        print("wrote reports/tuning-joint.csv and reports/tuned-params.yaml")
+        print("wrote reports/tuning/joint.csv and reports/tuning/joint-params.yaml")
     elif args.command == "tags":
         import json
 

@@ -180,7 +180,7 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
     parts.append("<h3>Training curves</h3>" + img_tag(figure_png(curves), f"{name} curves"))
     if first_of_dataset:
         parts.append(explanations_section(inputs["explanations"]))
-        parts.append(tuning_section(dataset, models))
+        parts.append(tuning_section(params, dataset, models))
     links = [("prepare", f"{dataset}/prepare.html"), ("tags", f"{dataset}/tags.html"),
              ("features", f"{dataset}/features.html")]
     links += [(f"train {registry.info(m).display}", f"{dataset}/train-{m}.html") for m in models]
@@ -190,16 +190,24 @@ def dataset_section(name: str, params: dict[str, Any], first_of_dataset: bool = 
     return "\n".join(parts)
 
 
-def tuning_section(dataset: str, models: list[str]) -> str:
-    """The validation search behind the settings (`tema tune`, reports/<dataset>/tuning.csv): every trial of the shown
-    models with what it changed and its validation MRR (seed tune.seed); '' when the dataset was not tuned."""
-    path = artifacts.reports_dir(dataset) / "tuning.csv"
+def tuning_section(params: dict[str, Any], dataset: str, models: list[str]) -> str:
+    """The validation search behind the settings (`tema tune`, reports/tuning/<dataset>.csv): every trial of the shown
+    models with what it changed and its validation MRR (seed tune.seed), the one each model runs with in this
+    profile marked, and the joint score where `tema tune-joint` chose across datasets (reports/tuning/joint.csv);
+    '' when the dataset was not tuned."""
+    path = artifacts.tuning_dir() / f"{dataset}.csv"
     if not path.is_file():
         return ""
     table = pd.read_csv(path, dtype={"fingerprint": str})
     table = table[table["model"].isin(models)]
     if table.empty:
         return ""
+    runs = {m: registry.effective(m, registry.hyper(params, m)) for m in dict.fromkeys(table["model"])}
+    joint_path = artifacts.tuning_dir() / "joint.csv"
+    joint = pd.read_csv(joint_path) if joint_path.is_file() else None
+    scores = {}
+    if joint is not None and f"trial ({dataset})" in joint.columns:
+        scores = {(row["model"], int(row[f"trial ({dataset})"])): row["joint_score"] for _, row in joint.iterrows()}
 
     def changed(tuned: str) -> str:
         values = json.loads(tuned)
@@ -209,11 +217,19 @@ def tuning_section(dataset: str, models: list[str]) -> str:
         "model": [registry.info(m).display for m in table["model"]], "trial": table["trial"],
         "settings tried": [changed(t) for t in table["tuned"]], "valid MRR": table["valid_MRR"].map(lambda v: f"{v:.4f}"),
         "best epoch": table["best_epoch"], "epochs run": table["epochs_run"],
-        "chosen": ["yes" if b else "" for b in table["best"]],
-    }).set_index(["model", "trial"])
-    return ("<h3>Validation search</h3><p>Every trial of <code>tema tune</code> (one seed, the train stage's settings, "
-            "early stopping on validation): what it changed from the configured model and its validation MRR. "
-            "The test split is read only for the configurations the profiles run.</p>" + html_table(shown))
+        "best here": ["yes" if b else "" for b in table["best"]],
+        "runs in this profile": ["yes" if registry.effective(m, json.loads(p)) == runs[m] else ""
+                                 for m, p in zip(table["model"], table["params"])],
+    })
+    text = ("<h3>Validation search</h3><p>Every trial of <code>tema tune</code> (one seed, the train stage's settings, "
+            "early stopping on validation): what it changed from the configured model, its validation MRR, whether it "
+            "was the best trial on this dataset, and whether it is the configuration this profile runs. ")
+    if scores:
+        shown.insert(6, "joint score", [f"{scores[k]:.4f}" if k in scores else "" for k in zip(table["model"], table["trial"])])
+        text += ("The joint score (<code>tema tune-joint</code>) is the mean over the searched datasets of the trial's "
+                 "validation MRR relative to the model's best there; the study runs each model's best joint score. ")
+    text += "The test split is read only for the configurations the profiles run.</p>"
+    return text + html_table(shown.set_index(["model", "trial"]))
 
 
 def deviations_section(params: dict[str, Any], models: list[str]) -> str:

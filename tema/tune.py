@@ -17,8 +17,8 @@ For the claim "TEMA beats strong baselines" to be honest, the baselines get the 
 - with `train.workers` > 1, that many trials (of any model) train at once, one process each with
   `train.num_threads` threads, as the train stage trains its seeds; a failing trial does not stop the others.
 
-Outputs: reports/<dataset>/tuning.csv (one row per trial: the tuned values, validation MRR, epochs,
-seconds, the run's fingerprint) and reports/<dataset>/tuned-params.yaml, a profile fragment with each
+Outputs: reports/tuning/<dataset>.csv (one row per trial: the tuned values, validation MRR, epochs,
+seconds, the run's fingerprint) and reports/tuning/<dataset>-params.yaml, a profile fragment with each
 model's best trial. A search over some models replaces only their rows: the rows of the other models are
 kept when their trial runs are still in data/tuning/ with the same fingerprints, so models can be tuned
 one session at a time and the table and fragment cover them all. To
@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tema import config, data, schema
+from tema import artifacts, config, data, schema
 from tema.models import registry
 from tema.train import model_params, train_parallel
 from tema.training import TrainConfig, data_fingerprint, train_run
@@ -51,13 +51,6 @@ def accepted_keys(model: str) -> set[str]:
     if model not in registry.MODELS:
         raise config.ParamsError(f"params.yaml: unknown model {model!r}; registered: {sorted(registry.MODELS)}")
     return set(inspect.signature(registry.MODELS[model].__init__).parameters) - {"self", "space", "max_len"} | registry.TRAINING_KEYS
-
-
-def model_defaults(model: str) -> dict[str, Any]:
-    """The values a model uses for keys its params leave out (constructor defaults, and the training loop's)."""
-    signature = inspect.signature(registry.info(model).cls.__init__).parameters
-    found = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
-    return {"lr": 1e-3, "weight_decay": 0.0, **found}  # as tema.training.train_run reads them
 
 
 def model_spaces(params: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +74,7 @@ def search_space(params: dict[str, Any], model: str, base: dict[str, Any]) -> di
                                      f"expected one of {sorted(accepted)}")
     space = {k: v for k, v in shared.items() if k in base}
     space.update(own)
-    defaults = model_defaults(model)
+    defaults = registry.defaults(model)
     for key, values in space.items():
         where = f"tune.model_space.{model}.{key}" if key in own else f"tune.space.{key}"
         if not isinstance(values, list) or not values:
@@ -158,7 +151,7 @@ def trial_configs(params: dict[str, Any], model: str, base: dict[str, Any], tria
                                  "shorten the lists in 'tune.space' / 'tune.model_space'")
     configs = [dict(base)]
     if space:
-        defaults = {k: v for k, v in model_defaults(model).items() if k in space}
+        defaults = {k: v for k, v in registry.defaults(model).items() if k in space}
         seen = [{**defaults, **base}]  # what each trial runs with: a grid point equal to it is no new trial
         grid = [dict(zip(space, values)) for values in itertools.product(*space.values())]
         for index in np.random.default_rng(seed).permutation(len(grid)):
@@ -206,7 +199,7 @@ def train_trials(dataset_name: str, prepared: Path, plans: dict[str, list[dict[s
 
 
 def kept_rows(path: Path, out_dir: Path, models: list[str]) -> pd.DataFrame | None:
-    """The rows of an earlier tuning.csv for models other than `models` that still stand: a search over some models
+    """The rows of an earlier search table for models other than `models` that still stand: a search over some models
     keeps what was found for the others. A row stands while its trial is the finished run in `out_dir` with the same
     fingerprint, or while that run is not on this machine at all (data/tuning does not travel with the repository:
     a committed table is not thrown away on a fresh clone). Rows whose run was re-trained since (another dataset size,
@@ -262,26 +255,18 @@ def run(dataset_name: str, params: dict[str, Any], models: list[str] | None = No
     if cfg.workers > 1 and sum(len(c) for c in plans.values()) > 1:
         train_trials(dataset_name, prepared, plans, cfg, seed, out_dir, data_hash)
     table = pd.concat([tune_model(dataset, m, plans[m], cfg, seed, out_dir, data_hash) for m in models], ignore_index=True)
-    reports = config.repo_root() / "reports" / dataset_name
+    reports = artifacts.tuning_dir()
     reports.mkdir(parents=True, exist_ok=True)
-    earlier = kept_rows(reports / "tuning.csv", out_dir, models)
+    earlier = kept_rows(reports / f"{dataset_name}.csv", out_dir, models)
     if earlier is not None:
         table = pd.concat([earlier, table], ignore_index=True)
-    table.to_csv(reports / "tuning.csv", index=False, float_format="%.6f")
+    table.to_csv(reports / f"{dataset_name}.csv", index=False, float_format="%.6f")
     header = (f"# Best validation trial per model from `tema tune {dataset_name}` (up to {trials} trials each, seed {seed},\n"
               f"# the same train settings for every model; an ablation inherits its base model's). A profile overlays\n"
               f"# profiles/default.yaml: copy this into profiles/ and add what else the search ran with.\n")
     body = yaml.safe_dump({"model_params": best_params(table)}, sort_keys=False)
-    (reports / "tuned-params.yaml").write_text(header + body, encoding="utf-8")
+    (reports / f"{dataset_name}-params.yaml").write_text(header + body, encoding="utf-8")
     return table
-
-
-def effective(model: str, params_json: str) -> str:
-    """A trial's configuration with the model's defaults filled in, as one comparable string: a key left out and the
-    same key set to its default are the same configuration (the two datasets' searches may spell it either way)."""
-    found = json.loads(params_json)
-    defaults = {k: v for k, v in model_defaults(model).items() if isinstance(v, (bool, int, float, str, type(None)))}
-    return json.dumps({**defaults, **found}, sort_keys=True)
 
 
 def joint_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -292,7 +277,7 @@ def joint_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     the datasets, of their validation MRR divided by the best validation MRR of that model on that dataset (1.0: the
     best on each). The ratio puts datasets whose MRR levels differ on one scale. The best score wins; a tie goes to
     the configuration listed first by the first dataset. One row per (model, configuration tried on all datasets).
-    The test split is not read: tuning.csv holds validation scores only."""
+    The test split is not read: the search tables hold validation scores only."""
     names = list(tables)
     if len(names) < 2:
         raise config.ParamsError(f"a joint selection needs the searches of two datasets or more, got {names}")
@@ -306,8 +291,11 @@ def joint_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         for name in names:
             own = tables[name][tables[name]["model"] == model]
             best = float(own["valid_MRR"].max())
-            per[name] = {effective(model, row.params): (row.trial, float(row.valid_MRR), float(row.valid_MRR) / best if best > 0 else 0.0,
-                                                       row.params) for row in own.itertuples(index=False)}
+            per[name] = {
+                registry.effective(model, json.loads(row.params)):
+                    (row.trial, float(row.valid_MRR), float(row.valid_MRR) / best if best > 0 else 0.0, row.params)
+                for row in own.itertuples(index=False)
+            }
         common = [key for key in per[names[0]] if all(key in per[n] for n in names)]
         if not common:
             raise config.ParamsError(f"tune-joint: no configuration of {model} was tried on every one of {names}; "
@@ -328,20 +316,20 @@ def joint_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def run_joint(dataset_names: list[str]) -> pd.DataFrame:
-    """Read reports/<dataset>/tuning.csv of each dataset; write reports/tuning-joint.csv and reports/tuned-params.yaml
-    (each model's configuration of the best joint score, as a profile fragment)."""
-    reports = config.repo_root() / "reports"
+    """Read reports/tuning/<dataset>.csv of each dataset; write reports/tuning/joint.csv and joint-params.yaml (each
+    model's configuration of the best joint score, as a profile fragment)."""
+    reports = artifacts.tuning_dir()
     tables = {}
     for name in dict.fromkeys(dataset_names):
-        path = reports / name / "tuning.csv"
+        path = reports / f"{name}.csv"
         if not path.exists():
             raise config.ParamsError(f"{path.relative_to(config.repo_root())}: not found; run `tema tune {name}` first")
         tables[name] = pd.read_csv(path, dtype={"fingerprint": str})
     table = joint_table(tables)
-    table.to_csv(reports / "tuning-joint.csv", index=False)
+    table.to_csv(reports / "joint.csv", index=False)
     best = {row.model: json.loads(row.params) for row in table[table["best"]].itertuples(index=False)}
     header = (f"# One configuration per model for {', '.join(tables)}, from `tema tune-joint`: among the configurations\n"
               "# searched on every dataset, the best mean of validation MRR / the model's best validation MRR there.\n"
               "# A profile overlays profiles/default.yaml: copy this into profiles/ and add what else the study runs with.\n")
-    (reports / "tuned-params.yaml").write_text(header + yaml.safe_dump({"model_params": best}, sort_keys=False), encoding="utf-8")
+    (reports / "joint-params.yaml").write_text(header + yaml.safe_dump({"model_params": best}, sort_keys=False), encoding="utf-8")
     return table

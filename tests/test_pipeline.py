@@ -182,13 +182,13 @@ def test_the_result_pages_render_from_the_committed_table_summaries_alone(smoke_
 @pytest.mark.slow
 def test_tune_command_writes_a_profile_fragment_the_profiles_accept(smoke_repo):
     out = sh("tema", "tune", "food-kitchen", "--models", "popularity", "sasrec-text", "--trials", "2", cwd=smoke_repo)
-    assert "tuned-params.yaml" in out
+    assert "reports/tuning/food-kitchen-params.yaml" in out
     import pandas as pd
     import yaml
 
-    table = pd.read_csv(smoke_repo / "reports/food-kitchen/tuning.csv")
+    table = pd.read_csv(smoke_repo / "reports/tuning/food-kitchen.csv")
     assert list(table["model"]) == ["popularity", "sasrec-text", "sasrec-text"] and table["valid_MRR"].between(0, 1).all()
-    fragment = yaml.safe_load((smoke_repo / "reports/food-kitchen/tuned-params.yaml").read_text())
+    fragment = yaml.safe_load((smoke_repo / "reports/tuning/food-kitchen-params.yaml").read_text())
     trials = table[table["model"] == "sasrec-text"]
     top = trials[trials["valid_MRR"] >= trials["valid_MRR"].max() - 1e-6]  # the CSV rounds to 6 decimals
     assert fragment["model_params"]["sasrec-text"] in [json.loads(p) for p in top["params"]]

@@ -83,7 +83,7 @@ def test_ablations_are_not_tuned_apart_but_inherit_their_base_models_tuned_setti
         tune.run("food-kitchen", config.load_params(config.repo_root() / "profiles" / "default.yaml"), models=["tema-no-tags"])
     table = pd.DataFrame({"model": ["tema", "tema", "sasrec"], "trial": [0, 1, 0], "valid_MRR": [0.1, 0.2, 0.1],
                           "params": [json.dumps({"aux_weight": 0.5}), json.dumps({"aux_weight": 1.0}), json.dumps({"lr": 1})]})
-    fragment = tune.best_params(table)  # what tuned-params.yaml holds: the tuned models only
+    fragment = tune.best_params(table)  # what <dataset>-params.yaml holds: the tuned models only
     assert fragment == {"sasrec": {"lr": 1}, "tema": {"aux_weight": 1.0}}
     # copied into a profile, the fragment reaches the ablations through their base; their own differences stay
     profile = {"model_params": {"tema": {"dim": 16, "aux_weight": 0.5}, "tema-no-tags": {"dropout": 0.0}, "sasrec": {}}}
@@ -149,7 +149,7 @@ def test_trials_trained_in_parallel_equal_trials_trained_one_by_one(tmp_path, mo
         a = torch.load(serial_root / trial / "model.pt", weights_only=True)
         b = torch.load(parallel_root / trial / "model.pt", weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (parallel_root / "reports" / "synthetic" / "tuned-params.yaml").is_file()
+    assert (parallel_root / "reports" / "tuning" / "synthetic-params.yaml").is_file()
 
 
 def test_a_failing_parallel_trial_keeps_the_others_and_resumes(tmp_path, monkeypatch, root):
@@ -168,13 +168,13 @@ def test_a_failing_parallel_trial_keeps_the_others_and_resumes(tmp_path, monkeyp
 
 def test_tuning_models_one_at_a_time_keeps_the_earlier_rows_while_their_runs_stand(tmp_path, monkeypatch, root, capsys):
     params = tuning_study(tmp_path, monkeypatch, root, workers=1)
-    reports = tmp_path / "reports" / "synthetic"
+    reports = tmp_path / "reports" / "tuning"
     first = tune.run("synthetic", params, models=["gru4rec"])
     both = tune.run("synthetic", params, models=["sasrec"])
     assert list(zip(both["model"], both["trial"])) == [("gru4rec", 0), ("gru4rec", 1), ("sasrec", 0), ("sasrec", 1)]
-    on_disk = pd.read_csv(reports / "tuning.csv", dtype={"fingerprint": str})
+    on_disk = pd.read_csv(reports / "synthetic.csv", dtype={"fingerprint": str})
     assert list(on_disk["fingerprint"][:2]) == list(first["fingerprint"])  # the gru4rec rows as found, not re-scored
-    fragment = yaml.safe_load((reports / "tuned-params.yaml").read_text())["model_params"]
+    fragment = yaml.safe_load((reports / "synthetic-params.yaml").read_text())["model_params"]
     assert set(fragment) == {"gru4rec", "sasrec"}
     # re-tuning a model replaces its rows rather than adding to them
     assert len(tune.run("synthetic", params, models=["sasrec"])) == 4
@@ -225,14 +225,14 @@ def test_the_joint_selection_scores_configurations_tried_on_every_dataset_on_one
 def test_tune_joint_writes_the_table_and_the_profile_fragment(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "repo_root", lambda: tmp_path)
     for name, mrr in (("food", (0.07, 0.06)), ("art", (0.01, 0.02))):
-        (tmp_path / "reports" / name).mkdir(parents=True)
+        (tmp_path / "reports" / "tuning").mkdir(parents=True, exist_ok=True)
         pd.DataFrame(_rows("sasrec", [({"dropout": 0.2}, mrr[0]), ({"dropout": 0.5}, mrr[1])])).to_csv(
-            tmp_path / "reports" / name / "tuning.csv", index=False)
+            tmp_path / "reports" / "tuning" / f"{name}.csv", index=False)
     table = tune.run_joint(["food", "art"])
-    assert (tmp_path / "reports" / "tuning-joint.csv").exists()
-    fragment = yaml.safe_load((tmp_path / "reports" / "tuned-params.yaml").read_text())
+    assert (tmp_path / "reports" / "tuning" / "joint.csv").exists()
+    fragment = yaml.safe_load((tmp_path / "reports" / "tuning" / "joint-params.yaml").read_text())
     # dropout 0.2: 1.0 on food, 0.5 on art (0.75); dropout 0.5: 0.857 and 1.0 (0.929)
     assert fragment == {"model_params": {"sasrec": {"dropout": 0.5}}}
     assert table.loc[table["best"], "joint_score"].item() == round((0.06 / 0.07 + 1.0) / 2, 4)
-    with pytest.raises(config.ParamsError, match=r"reports/nosuch/tuning.csv: not found; run `tema tune nosuch` first"):
+    with pytest.raises(config.ParamsError, match=r"reports/tuning/nosuch.csv: not found; run `tema tune nosuch` first"):
         tune.run_joint(["food", "nosuch"])

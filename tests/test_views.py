@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -104,15 +105,27 @@ def test_the_report_lists_every_trial_of_the_validation_search(tmp_path, monkeyp
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "params.yaml").write_text("{}\n")
     monkeypatch.chdir(tmp_path)
-    reports = tmp_path / "reports" / "mine"
+    reports = tmp_path / "reports" / "tuning"
     reports.mkdir(parents=True)
+    gate = {"dim": 64, "gate": True, "side_info": "noninvasive"}
     pd.DataFrame({
         "model": ["tema", "tema", "sasrec"], "trial": [0, 1, 0],
         "tuned": ['{}', '{"gate": true, "side_info": "noninvasive"}', '{"lr": 0.002}'],
         "valid_MRR": [0.0701, 0.0745, 0.069], "best_epoch": [7, 9, 8], "epochs_run": [11, 13, 12],
-        "train_seconds": [1.0, 1.0, 1.0], "params": ["{}"] * 3, "best": [False, True, True], "fingerprint": ["a", "b", "c"],
-    }).to_csv(reports / "tuning.csv", index=False)
-    section = report.tuning_section("mine", ["tema"])
+        "train_seconds": [1.0, 1.0, 1.0], "params": ['{"dim": 64}', json.dumps(gate), '{"lr": 0.002}'],
+        "best": [False, True, True], "fingerprint": ["a", "b", "c"],
+    }).to_csv(reports / "mine.csv", index=False)
+    # the profile runs trial 0's configuration (gate: false spelled out, as the default): marked, though not the best here
+    params = {"model_params": {"tema": {"dim": 64, "gate": False}}}
+    section = report.tuning_section(params, "mine", ["tema"])
     assert "gate=True, side_info=noninvasive" in section and "(as configured)" in section and "0.0745" in section
-    assert "SASRec" not in section and section.count("yes") == 1  # only the shown models; the chosen trial marked
-    assert report.tuning_section("other", ["tema"]) == ""
+    assert "SASRec" not in section and section.count("yes") == 2  # only the shown models: best here, and runs here
+    rows = section.split("<tr")
+    runs = [r for r in rows if "(as configured)" in r][0]
+    assert runs.count("yes") == 1 and "0.0701" in runs
+    assert "joint score" not in section
+    pd.DataFrame({"model": ["tema", "tema"], "params": ['{"dim": 64}', json.dumps(gate)], "trial (mine)": [0, 1],
+                  "trial (yours)": [3, 4], "joint_score": [0.9812, 0.9431], "best": [True, False]}).to_csv(reports / "joint.csv", index=False)
+    section = report.tuning_section(params, "mine", ["tema"])
+    assert "joint score" in section and "0.9812" in section and "0.9431" in section
+    assert report.tuning_section(params, "other", ["tema"]) == ""

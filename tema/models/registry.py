@@ -20,6 +20,7 @@ An ablation inherits its base's hyper-parameters: `model_params.<ablation>` is o
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -120,6 +121,22 @@ def display(name: str) -> str:
 def ablations_of(base: str) -> list[str]:
     """The ablations of model `base`, in registration order."""
     return [n for n, i in _INFO.items() if i.base == base]
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """The values a model uses for keys its params leave out (its constructor's defaults, and the training loop's
+    learning rate and weight decay, as tema.training.train_run reads them)."""
+    signature = inspect.signature(info(name).cls.__init__).parameters
+    found = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
+    return {"lr": 1e-3, "weight_decay": 0.0, **found}
+
+
+def effective(name: str, hyper_params: Mapping[str, Any]) -> str:
+    """A configuration with the model's plain defaults filled in, as one comparable string: a key left out and the
+    same key set to its default are the same configuration (two searches, or a search and a profile, may spell it
+    either way)."""
+    plain = {k: v for k, v in defaults(name).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return json.dumps({**plain, **hyper_params}, sort_keys=True)
 
 
 def hyper(params: dict[str, Any], name: str) -> dict[str, Any]:
