@@ -143,7 +143,8 @@ def command_lines(parser: argparse.ArgumentParser, prefix: str = "") -> list[tup
             elif any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
                 out += command_lines(sub, f"{path} ")
             else:
-                positionals = [a.metavar or a.dest.upper() for a in sub._actions if not a.option_strings]
+                positionals = [(a.metavar or a.dest.upper()) + (" ..." if a.nargs in ("+", "*") else "")
+                               for a in sub._actions if not a.option_strings]
                 options = any(a.option_strings and a.dest != "help" for a in sub._actions)
                 out.append((" ".join([path, *positionals, *(["[options]"] if options else [])]), helps.get(name) or ""))
     return out

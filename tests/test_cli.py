@@ -38,7 +38,7 @@ def test_help_lists_every_command_with_a_description():
     assert proc.returncode == 0, proc.stderr
     listed = cli.command_lines(cli.build_parser())
     paths = {" ".join(w for w in usage.split() if w.islower() and not w.startswith("[")) for usage, _ in listed}
-    assert {"profile", "run-notebook", "dataset add", "dataset list", "tags generate", "tune", "recommend", "llm serve"} <= paths
+    assert {"profile", "run-notebook", "dataset add", "dataset list", "tags generate", "tune", "tune-joint", "recommend", "llm serve"} <= paths
     for usage, summary in listed:
         assert summary, usage
         assert any(line.split() == ["tema", *usage.split(), *summary.split()] for line in proc.stdout.splitlines()), usage
@@ -48,7 +48,7 @@ def test_help_lists_every_command_with_a_description():
 
 
 @pytest.mark.parametrize("command", [["profile"], ["run-notebook"], ["dataset", "add"], ["dataset", "list"],
-                                     ["tags", "generate"], ["tune"]])
+                                     ["tags", "generate"], ["tune"], ["tune-joint"]])
 def test_each_command_describes_its_arguments(command, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main([*command, "--help"])
