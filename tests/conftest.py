@@ -92,4 +92,8 @@ def copy_worktree(root: Path, dst: Path, skip: tuple[str, ...] = ("reports/",)) 
         if (root / rel).is_file() and not rel.startswith(skip) and rel != "dvc.lock":
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / rel, dst / rel)
+    if any("reports/tuning/".startswith(prefix) for prefix in skip):
+        # the committed searches are left out (a search in the copy starts from none), but the folder stays: a clone
+        # has it, and the report stage depends on it
+        (dst / "reports" / "tuning").mkdir(parents=True, exist_ok=True)
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
