@@ -466,13 +466,16 @@ def leaderboard_section(shown: list[str], params: dict[str, Any]) -> str:
     mains = [t for t in shown if any(registry.info(m).group != "ablation" for m in tables[t]["models"])]
     if len({tables[t]["dataset"] for t in mains}) < 2:
         return ""
-    columns = {}
+    columns: dict[str, dict[str, float]] = {}
     for t in mains:
         summary = results_of(t)
         full = summary[(summary["protocol"] == PRIMARY_PROTOCOL) & summary["model"].map(lambda m: registry.info(m).group != "ablation")]
         for domain in sorted(set(full["domain"])):
-            col = full[full["domain"] == domain].set_index("model")["mean_MRR"]
-            columns[f"{tables[t]['dataset']} {domain}"] = col
+            column = columns.setdefault(f"{tables[t]['dataset']} {domain}", {})
+            # a dataset's further tables (ablations, taggers) add the models its first table lacks, and replace none:
+            # a model is the same runs in every table of its dataset
+            for model, mrr in full[full["domain"] == domain].set_index("model")["mean_MRR"].items():
+                column.setdefault(model, mrr)
     board = pd.DataFrame(columns)
     cells = board.map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     for col in board.columns:

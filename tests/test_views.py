@@ -129,3 +129,28 @@ def test_the_report_lists_every_trial_of_the_validation_search(tmp_path, monkeyp
     section = report.tuning_section(params, "mine", ["tema"])
     assert "joint score" in section and "0.9812" in section and "0.9431" in section
     assert report.tuning_section(params, "other", ["tema"]) == ""
+
+
+def test_the_leaderboard_keeps_every_main_model_of_a_dataset_with_several_tables(monkeypatch):
+    from tema import report
+
+    params = {"datasets": ["one", "two"], "models": ["sasrec", "tema"], "evaluations": {
+        "one": {"dataset": "one", "models": ["sasrec", "sasrec-text", "tema"]},
+        "one-ablations": {"dataset": "one", "models": ["tema", "tema-no-tags"]},
+        "two": {"dataset": "two", "models": ["sasrec", "tema"]},
+        "two-taggers": {"dataset": "two", "models": ["tema", "sasrec-text"]}}}
+    mrr = {("one", "sasrec"): 0.09, ("one", "sasrec-text"): 0.08, ("one", "tema"): 0.07, ("one", "tema-no-tags"): 0.05,
+           ("two", "sasrec"): 0.01, ("two", "tema"): 0.02, ("two", "sasrec-text"): 0.015}
+
+    def results_of(table):
+        spec = params["evaluations"][table]
+        return pd.DataFrame([{"model": m, "protocol": "full", "domain": d, "mean_MRR": mrr[(spec["dataset"], m)]}
+                             for m in spec["models"] for d in "AB"])
+
+    monkeypatch.setattr(report, "results_of", results_of)
+    board = report.leaderboard_section(list(params["evaluations"]), params)
+    rows = {r.split("</th>")[0].rsplit(">", 1)[-1]: r for r in board.split("<tr")[1:]}
+    # a later table of the same dataset neither blanks the first table's models nor adds its ablations
+    assert "0.0900" in rows["SASRec"] and "0.0800" in rows["SASRec+text"] and "0.0150" in rows["SASRec+text"]
+    assert "<b>0.0900</b>" in rows["SASRec"] and "<b>0.0200</b>" in rows["TEMA"]
+    assert not any("w/o tags" in name for name in rows)
