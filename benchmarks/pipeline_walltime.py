@@ -8,7 +8,7 @@ how the committed default-profile reports were made).
     python benchmarks/pipeline_walltime.py --profile default --in-place
     python benchmarks/pipeline_walltime.py --profile full --from-runs
 
---from-runs runs nothing: for a profile's datasets x models x seeds it adds up the training time each
+--from-runs runs nothing: for each run of a profile's train stages and each seed it adds up the training time each
 finished run recorded (data/runs/*/run.json, measured while it trained here) and names the runs that are
 missing, so the cost of a profile that takes hours can be read off the runs already made.
 """
@@ -84,25 +84,26 @@ def from_runs(profile: str) -> None:
 
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
+    from tema import config
     from tema.cli import profile_params
 
     params = profile_params(profile)
     workers = int(params["train"].get("workers", 1))
     total, missing = 0.0, []
     print(f"profile {profile}: training time recorded by finished runs (seconds, 2 CPU cores unless noted)")
-    for dataset in params["datasets"]:
-        for model in params["models"]:
-            seconds = []
-            for seed in params["train"]["seeds"]:
-                marker = ROOT / "data" / "runs" / dataset / model / f"seed{seed}" / "run.json"
-                if marker.is_file():
-                    seconds.append(json.loads(marker.read_text())["train_seconds"])
-                else:
-                    missing.append(f"{dataset}/{model}/seed{seed}")
-            wall = stage_wall(seconds, workers)
-            total += wall
-            per = ", ".join(f"{x:.0f}" for x in seconds)
-            print(f"  {dataset:14s} {model:26s} {wall / 60:6.1f} min  (per seed: {per})")
+    for run in config.runs(params).values():  # what the profile trains (dvc.yaml's train stages), not datasets x models
+        dataset, model = run["dataset"], run["model"]
+        seconds = []
+        for seed in params["train"]["seeds"]:
+            marker = ROOT / "data" / "runs" / dataset / model / f"seed{seed}" / "run.json"
+            if marker.is_file():
+                seconds.append(json.loads(marker.read_text())["train_seconds"])
+            else:
+                missing.append(f"{dataset}/{model}/seed{seed}")
+        wall = stage_wall(seconds, workers)
+        total += wall
+        per = ", ".join(f"{x:.0f}" for x in seconds)
+        print(f"  {dataset:14s} {model:26s} {wall / 60:6.1f} min  (per seed: {per})")
     print(f"training in all: {total / 60:.1f} min with train.workers = {workers} (seeds at once); add ~2.5 min of "
           "features per dataset and under a minute per other stage")
     if missing:
