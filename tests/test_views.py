@@ -154,3 +154,18 @@ def test_the_leaderboard_keeps_every_main_model_of_a_dataset_with_several_tables
     assert "0.0900" in rows["SASRec"] and "0.0800" in rows["SASRec+text"] and "0.0150" in rows["SASRec+text"]
     assert "<b>0.0900</b>" in rows["SASRec"] and "<b>0.0200</b>" in rows["TEMA"]
     assert not any("w/o tags" in name for name in rows)
+
+
+def test_a_table_around_another_model_states_its_comparisons_not_a_best_baseline(monkeypatch):
+    from tema import report
+
+    rows = [{"protocol": proto, "domain": d, "reference": "tema-no-tags", "model": m, "group": g, "metric": metric,
+             "reference_mean": 0.10, "model_mean": mean, "difference": 0.10 - mean, "p_value": p, "p_holm": p * 4}
+            for proto in ("full", "sampled-999") for d in "AB" for metric in ("MRR", "NDCG@10")
+            for m, g, mean, p in (("tema", "baseline", 0.12, 0.001), ("tema-tag-noise-100", "ablation", 0.11, 0.4))]
+    monkeypatch.setattr(report, "significance_of", lambda name: pd.DataFrame(rows))
+    monkeypatch.setattr(report, "inputs_of", lambda name: {"stats": {"domains": {"A": "a", "B": "b"}}})
+    box = report.findings_section(["noise"], {})
+    assert "best baseline</th>" not in box and "the best baseline in" not in box
+    assert "TEMA w/o tags is significantly below TEMA in 8 of 8 cells" in box
+    assert "not significantly different from" in box and "random tags in any of the 8 cells" in box
