@@ -335,17 +335,30 @@ def fmt_p(p: float) -> str:
     return f"{p:.2g}"
 
 
+def holm_note(verdict: str) -> str:
+    """A significant verdict says whether it survives Holm's correction (p and Holm p stand beside it)."""
+    if verdict == "tied":
+        return ""
+    return " (after Holm)" if verdict.endswith("(Holm)") else " (not after Holm)"
+
+
 def tally(counts: dict[str, int], opponent: str) -> str:
     """The verdicts of a set of cells in one clause: 'significantly above the best baseline in 1 of 4 cells, below
     in none' or 'not significantly different from ... in any of the 4 cells'."""
     n, above, below = counts["cells"], counts["above"], counts["below"]
     if not above and not below:
         return f"not significantly different from {opponent} in any of the {n} cells"
+
+    def holm(key: str) -> str:  # how many of them survive Holm's correction, where that is not all
+        kept = counts.get(f"{key}_holm", counts[key])
+        return "" if kept == counts[key] else f" ({kept} after Holm)"
+
     parts = []
     if above:
-        parts.append(f"significantly above {opponent} in {above} of {n} cells")
+        parts.append(f"significantly above {opponent} in {above} of {n} cells{holm('above')}")
     if below:
-        parts.append(f"significantly below {opponent} in {below} of {n} cells" if not above else f"below in {below}")
+        parts.append(f"significantly below {opponent} in {below} of {n} cells{holm('below')}" if not above
+                     else f"below in {below}{holm('below')}")
     if not below:
         parts.append("below in none")
     return ", ".join(parts)
@@ -384,7 +397,7 @@ def findings_section(shown: list[str], params: dict[str, Any]) -> str:
                     f"<tr><td>{r.domain} ({html.escape(domains.get(r.domain, r.domain))})</td><td>{r.metric}</td>"
                     f"<td>{r.reference_mean:.4f}</td><td>{html.escape(display(r.model))} {r.model_mean:.4f}</td>"
                     f"<td>{r.difference:+.4f}</td><td>{fmt_p(r.p_value)}</td><td>{fmt_p(r.p_holm)}</td>"
-                    f'<td class="{word}">{VERDICT_WORDS[word]}</td></tr>')
+                    f'<td class="{word}">{VERDICT_WORDS[word]}{holm_note(r.verdict)}</td></tr>')
             lines.append('<div class="wide"><table class="table">' + "".join(rows) + "</table></div>")
         no_tags = against(sig, "tema-no-tags") if sig["reference"].iloc[0] == "tema" else pd.DataFrame()
         if len(no_tags):

@@ -76,7 +76,7 @@ def test_findings_compare_the_reference_with_the_strongest_baseline_of_each_cell
     assert set(best["model"]) == {"b1"}  # the highest mean among baselines, not the ablation a1
     assert set(best["verdict"]) == {"below (Holm)"}  # r 0.25 < b1 0.30, p 0.01, Holm 0.04
     ablation = views.against(significance(), "a1")
-    assert views.count_verdicts(ablation) == {"cells": 4, "above": 0, "below": 2, "tied": 2}
+    assert views.count_verdicts(ablation) == {"cells": 4, "above": 0, "below": 2, "tied": 2, "above_holm": 0, "below_holm": 2}
     assert views.verdict(0.1, 0.001, 0.004) == "above (Holm)" and views.verdict(-0.1, 0.2, 0.8) == "tied"
 
 
@@ -169,3 +169,7 @@ def test_a_table_around_another_model_states_its_comparisons_not_a_best_baseline
     assert "best baseline</th>" not in box and "the best baseline in" not in box
     assert "TEMA w/o tags is significantly below TEMA in 8 of 8 cells" in box
     assert "not significantly different from" in box and "random tags in any of the 8 cells" in box
+    # a count that not every cell survives Holm's correction says how many do
+    counts = {"cells": 4, "above": 0, "below": 3, "tied": 1, "above_holm": 0, "below_holm": 1}
+    assert report.tally(counts, "the best baseline") == "significantly below the best baseline in 3 of 4 cells (1 after Holm)"
+    assert report.holm_note("below") == " (not after Holm)" and report.holm_note("above (Holm)") == " (after Holm)"
