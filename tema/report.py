@@ -377,9 +377,9 @@ def findings_section(shown: list[str], params: dict[str, Any]) -> str:
         if sig["reference"].iloc[0] != "tema":
             # a table built around another model (art-office-tag-noise: TEMA without tags against TEMA with real and
             # with random tags) has no baselines to beat: the reference against each model, every cell
-            lines = [f"<p><b>{html.escape(name)}</b>: {html.escape(reference)} is "
-                     f"{tally(count_verdicts(against(sig, m)), html.escape(display(m)))} "
-                     "(both protocols, MRR and NDCG@10).</p>" for m in dict.fromkeys(sig["model"])]
+            lines = [f"<p><b>{html.escape(name)}</b>, both protocols, MRR and NDCG@10: {html.escape(reference)} is "
+                     f"{tally(count_verdicts(against(sig, m)), html.escape(display(m)))}.</p>"
+                     for m in dict.fromkeys(sig["model"])]
             parts.append("\n".join(lines))
             continue
         domains = inputs_of(name)["stats"]["domains"]
@@ -387,8 +387,8 @@ def findings_section(shown: list[str], params: dict[str, Any]) -> str:
         full = best[best["protocol"] == PRIMARY_PROTOCOL] if len(best) else best
         lines = []
         if len(full):
-            lines.append(f"<p><b>{html.escape(name)}</b>: under full ranking, {html.escape(reference)} is "
-                         f"{tally(count_verdicts(full), 'the best baseline')} (domain × metric).</p>")
+            lines.append(f"<p><b>{html.escape(name)}</b>, full ranking, per domain and metric: {html.escape(reference)} is "
+                         f"{tally(count_verdicts(full), 'the best baseline')}.</p>")
             rows = [f"<tr><th>domain</th><th>metric</th><th>{html.escape(reference)}</th><th>best baseline</th>"
                     "<th>difference</th><th>p</th><th>Holm p</th><th>verdict</th></tr>"]
             for r in full.itertuples():
@@ -401,8 +401,8 @@ def findings_section(shown: list[str], params: dict[str, Any]) -> str:
             lines.append('<div class="wide"><table class="table">' + "".join(rows) + "</table></div>")
         no_tags = against(sig, "tema-no-tags") if sig["reference"].iloc[0] == "tema" else pd.DataFrame()
         if len(no_tags):
-            lines.append(f"<p><b>{html.escape(name)}</b>: {html.escape(reference)} is "
-                         f"{tally(count_verdicts(no_tags), 'TEMA without tags')} (both protocols, MRR and NDCG@10).</p>")
+            lines.append(f"<p><b>{html.escape(name)}</b>, both protocols, MRR and NDCG@10: {html.escape(reference)} is "
+                         f"{tally(count_verdicts(no_tags), 'TEMA without tags')}.</p>")
         if lines:
             parts.append("\n".join(lines))
     if not parts:

@@ -100,7 +100,7 @@ def test_the_first_screen_states_the_finding_and_links_every_page(smoke_repo):
     box = index.index('<div class="findings">')
     assert box < first_section and index.index('<nav class="pages">') < box
     findings = index[box:first_section]
-    assert "under full ranking, TEMA is" in findings and "the best baseline" in findings
+    assert "full ranking, per domain and metric: TEMA is" in findings and "the best baseline" in findings
     assert "TEMA without tags" in findings  # the smoke tables compare tema-no-tags
     assert 'class="provenance"' in index and "profile <code>smoke</code>" in index and "seeds 1, 2" in index
     assert 'href="full.html"' in index and 'href="art-office.html"' in index  # the other profiles' pages
