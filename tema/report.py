@@ -342,6 +342,16 @@ def holm_note(verdict: str) -> str:
     return " (after Holm)" if verdict.endswith("(Holm)") else " (not after Holm)"
 
 
+def counted(rows: pd.DataFrame) -> dict[str, int]:
+    """views.count_verdicts, plus how many of the significant cells survive Holm's correction (above_holm,
+    below_holm): the findings box says so where not all do."""
+    counts = count_verdicts(rows)
+    holm = rows["verdict"].str.endswith("(Holm)") if len(rows) else pd.Series(dtype=bool)
+    for word in ("above", "below"):
+        counts[f"{word}_holm"] = int((holm & rows["verdict"].str.startswith(word)).sum()) if len(rows) else 0
+    return counts
+
+
 def tally(counts: dict[str, int], opponent: str) -> str:
     """The verdicts of a set of cells in one clause: 'significantly above the best baseline in 1 of 4 cells, below
     in none' or 'not significantly different from ... in any of the 4 cells'."""
@@ -378,7 +388,7 @@ def findings_section(shown: list[str], params: dict[str, Any]) -> str:
             # a table built around another model (art-office-tag-noise: TEMA without tags against TEMA with real and
             # with random tags) has no baselines to beat: the reference against each model, every cell
             lines = [f"<p><b>{html.escape(name)}</b>, both protocols, MRR and NDCG@10: {html.escape(reference)} is "
-                     f"{tally(count_verdicts(against(sig, m)), html.escape(display(m)))}.</p>"
+                     f"{tally(counted(against(sig, m)), html.escape(display(m)))}.</p>"
                      for m in dict.fromkeys(sig["model"])]
             parts.append("\n".join(lines))
             continue
@@ -388,7 +398,7 @@ def findings_section(shown: list[str], params: dict[str, Any]) -> str:
         lines = []
         if len(full):
             lines.append(f"<p><b>{html.escape(name)}</b>, full ranking, per domain and metric: {html.escape(reference)} is "
-                         f"{tally(count_verdicts(full), 'the best baseline')}.</p>")
+                         f"{tally(counted(full), 'the best baseline')}.</p>")
             rows = [f"<tr><th>domain</th><th>metric</th><th>{html.escape(reference)}</th><th>best baseline</th>"
                     "<th>difference</th><th>p</th><th>Holm p</th><th>verdict</th></tr>"]
             for r in full.itertuples():
@@ -402,7 +412,7 @@ def findings_section(shown: list[str], params: dict[str, Any]) -> str:
         no_tags = against(sig, "tema-no-tags") if sig["reference"].iloc[0] == "tema" else pd.DataFrame()
         if len(no_tags):
             lines.append(f"<p><b>{html.escape(name)}</b>, both protocols, MRR and NDCG@10: {html.escape(reference)} is "
-                         f"{tally(count_verdicts(no_tags), 'TEMA without tags')}.</p>")
+                         f"{tally(counted(no_tags), 'TEMA without tags')}.</p>")
         if lines:
             parts.append("\n".join(lines))
     if not parts:

@@ -256,13 +256,10 @@ def against(sig: pd.DataFrame, model: str) -> pd.DataFrame:
 
 
 def count_verdicts(rows: pd.DataFrame) -> dict[str, int]:
-    """How many cells the reference is significantly above, below, or tied with its opponent(s), and how many of the
-    significant ones survive Holm's correction."""
+    """How many cells the reference is significantly above, below, or tied with its opponent(s)."""
     words = rows["verdict"].str.split(" ").str[0] if len(rows) else pd.Series(dtype=str)
-    holm = rows["verdict"].str.endswith("(Holm)") if len(rows) else pd.Series(dtype=bool)
     return {"cells": len(rows), "above": int((words == "above").sum()), "below": int((words == "below").sum()),
-            "tied": int((words == "tied").sum()), "above_holm": int(((words == "above") & holm).sum()),
-            "below_holm": int(((words == "below") & holm).sum())}
+            "tied": int((words == "tied").sum())}
 
 
 def headline(summary: pd.DataFrame, sig: pd.DataFrame, reference: str | None) -> dict[str, float]:

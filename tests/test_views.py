@@ -76,7 +76,7 @@ def test_findings_compare_the_reference_with_the_strongest_baseline_of_each_cell
     assert set(best["model"]) == {"b1"}  # the highest mean among baselines, not the ablation a1
     assert set(best["verdict"]) == {"below (Holm)"}  # r 0.25 < b1 0.30, p 0.01, Holm 0.04
     ablation = views.against(significance(), "a1")
-    assert views.count_verdicts(ablation) == {"cells": 4, "above": 0, "below": 2, "tied": 2, "above_holm": 0, "below_holm": 2}
+    assert views.count_verdicts(ablation) == {"cells": 4, "above": 0, "below": 2, "tied": 2}
     assert views.verdict(0.1, 0.001, 0.004) == "above (Holm)" and views.verdict(-0.1, 0.2, 0.8) == "tied"
 
 
@@ -173,3 +173,11 @@ def test_a_table_around_another_model_states_its_comparisons_not_a_best_baseline
     counts = {"cells": 4, "above": 0, "below": 3, "tied": 1, "above_holm": 0, "below_holm": 1}
     assert report.tally(counts, "the best baseline") == "significantly below the best baseline in 3 of 4 cells (1 after Holm)"
     assert report.holm_note("below") == " (not after Holm)" and report.holm_note("above (Holm)") == " (after Holm)"
+
+
+def test_the_findings_count_the_cells_that_survive_holm():
+    from tema import report
+
+    counts = report.counted(views.against(significance(), "a1"))  # B: p 0.001, Holm 0.004; A: p 0.2
+    assert counts["below"] == 2 and counts["below_holm"] == 2 and counts["above_holm"] == 0
+    assert report.tally(counts, "a1") == "significantly below a1 in 2 of 4 cells"
