@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import random
@@ -24,8 +25,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from tema import artifacts, config
-from tema.data import Dataset
+from tema import artifacts, atomic, config
+from tema.data import DataError, Dataset
 from tema.models import registry
 from tema.models.base import ItemSpace
 from tema.models.registry import build
@@ -117,8 +118,8 @@ def code_fingerprint(model_name: str, root: Path | None = None) -> str:
     import at module level, transitively (tema.imports.depends_on), read from the package under root (by default
     the repository's; tests point it at an edited copy).
 
-    For every model the hash covers this file, tema/artifacts.py, tema/config.py, tema/data.py, tema/protocols.py,
-    tema/models/base.py and tema/models/registry.py, and the model's module with what it imports: for TEMA and
+    For every model the hash covers this file, tema/artifacts.py, tema/atomic.py, tema/config.py, tema/data.py,
+    tema/protocols.py, tema/models/base.py and tema/models/registry.py, and the model's module with what it imports: for TEMA and
     SASRec-text (tema/models/tema.py) and C2DSR also tema/models/sasrec.py, whose blocks and masks they use
     (tests/test_structure.py checks this list). An edit to another model, to tema/models/__init__.py (it imports
     the models to register them), to a dataset reader (tema/datasets/) or to a stage (tema/train.py, ...) changes
@@ -229,16 +230,48 @@ def train_run(
     return result
 
 
-def finished_run(out_dir: Path, fp: str) -> dict[str, Any] | None:
-    """The result in out_dir/run.json if out_dir holds a finished run with fingerprint fp (and its model.pt)."""
-    marker = out_dir / "run.json"
-    if not marker.is_file():
-        return None
+class CheckpointError(DataError):
+    """A run's files are damaged or incomplete: they do not match the digests in its run.json, or do not load."""
+
+
+RUN_FILES = ("model.pt", "history.csv")  # what run.json's `files` holds a SHA-256 of; run.json itself is written last
+
+
+def damage(out_dir: Path, done: dict[str, Any]) -> str | None:
+    """Why the files of a run do not match its run.json (missing, a digest that differs, no digests at all); None
+    when every file of RUN_FILES is there with the digest run.json records."""
+    digests = done.get("files")
+    if not isinstance(digests, dict):
+        return "its run.json records no file digests (written by an older version)"
+    for name in RUN_FILES:
+        path = out_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digests.get(name):
+            return f"{name} does not match the SHA-256 in run.json (damaged or replaced)"
+    return None
+
+
+def read_marker(out_dir: Path) -> dict[str, Any] | None:
+    """out_dir/run.json as a dict; None when there is none or it is not a JSON object (an unfinished run)."""
     try:
-        done = json.loads(marker.read_text())
-    except ValueError:
-        return None  # unreadable: not a finished run
-    return done if done.get("fingerprint") == fp and (out_dir / "model.pt").is_file() else None
+        done = json.loads((out_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
+
+
+def finished_run(out_dir: Path, fp: str) -> dict[str, Any] | None:
+    """The result in out_dir/run.json if out_dir holds a finished run with fingerprint fp whose files match the digests
+    in run.json. A damaged run is not finished (the train stage says why and trains it again)."""
+    done = read_marker(out_dir)
+    if done is None or done.get("fingerprint") != fp:
+        return None
+    problem = damage(out_dir, done)
+    if problem is not None:
+        print(f"{out_dir}: not reused: {problem}; training it again", file=sys.stderr)
+        return None
+    return {key: value for key, value in done.items() if key != "files"}
 
 
 @dataclass
@@ -321,22 +354,48 @@ def validate(model, valid: pd.DataFrame, cfg: TrainConfig) -> tuple[float, dict[
 
 
 def save_run(out_dir: Path, fitted: Fit, result: dict[str, Any]) -> None:
-    """Write a finished run: the best state (model.pt), the history (history.csv), then the result (run.json)."""
-    # every file is written aside first; the old marker goes only once they are complete, and the run counts as
-    # finished only once the new marker lands (a crash in between leaves no marker: the seed trains again)
-    torch.save(fitted.best_state, out_dir / "model.pt.tmp")
-    pd.DataFrame(fitted.history).to_csv(out_dir / "history.csv.tmp", index=False)
-    (out_dir / "run.json.tmp").write_text(json.dumps(result, indent=2))
+    """Write a finished run: the best state (model.pt), the history (history.csv), then the result (run.json) with
+    the SHA-256 of the other two. Each file is written whole (tema.atomic); the old marker goes first and the run
+    counts as finished only once the new one lands, so a crash or a full disk in between leaves no finished run."""
+    buffer = io.BytesIO()
+    torch.save(fitted.best_state, buffer)
+    blobs = {"model.pt": buffer.getvalue(),
+             "history.csv": pd.DataFrame(fitted.history).to_csv(index=False).encode()}
     (out_dir / "run.json").unlink(missing_ok=True)
-    for name in ("model.pt", "history.csv", "run.json"):  # run.json last
-        os.replace(out_dir / f"{name}.tmp", out_dir / name)
+    for name, blob in blobs.items():
+        atomic.write_bytes(out_dir / name, blob)
+    files = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
+    atomic.write_text(out_dir / "run.json", json.dumps({**result, "files": files}, indent=2))
+
+
+def load_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint of a finished run, checked before use: its files match run.json's digests, it loads as tensors
+    only (weights_only), and every floating-point weight is finite. CheckpointError (one line naming the file and
+    the stage to re-run) otherwise."""
+    retrain = f"retrain it: dvc repro train@{run_dir.parent.parent.name}-{run_dir.parent.name}"
+    if not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: no finished run (run.json missing); run the train stage first")
+    done = read_marker(run_dir)
+    if done is None:
+        raise CheckpointError(f"{run_dir / 'run.json'}: unreadable (not a JSON object); {retrain}")
+    problem = damage(run_dir, done)
+    if problem is not None:
+        raise CheckpointError(f"{run_dir / 'model.pt'}: not loaded: {problem}; {retrain}")
+    try:
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # the digest matched, so the writer itself wrote something torch cannot read
+        raise CheckpointError(f"{run_dir / 'model.pt'}: not a readable checkpoint ({type(err).__name__}); {retrain}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{run_dir / 'model.pt'}: expected a state dict of tensors; {retrain}")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{run_dir / 'model.pt'}: weight {key!r} holds NaN or inf; {retrain}")
+    return state
 
 
 def load_run(dataset: Dataset, model_name: str, hyper: dict[str, Any], cfg: TrainConfig, run_dir: Path):
-    """The selected checkpoint of a finished run, on the CPU, in eval mode."""
-    if not (run_dir / "run.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no finished run (run.json missing); run the train stage first")
+    """The selected checkpoint of a finished run (checked by load_state), on the CPU, in eval mode."""
+    state = load_state(run_dir)
     model = build_model(dataset, model_name, hyper, cfg, dataset.split("train"))
-    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()

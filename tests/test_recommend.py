@@ -233,6 +233,25 @@ def test_the_cli_prints_a_table_or_json(repo, capsys, monkeypatch):
     assert capsys.readouterr().err == "tema: error: k: expected an integer >= 1, got 0\n"
 
 
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100, None])
+def test_a_damaged_checkpoint_is_one_line_from_the_cli(repo, capsys, monkeypatch, content):
+    root, params = repo
+    monkeypatch.setattr(recommend.schema, "load", lambda: params)
+    path = artifacts.run_dir("synthetic", "tema", 1) / "model.pt"
+    good = path.read_bytes()
+    user = prepared().split("test").iloc[0]["user"]
+    try:
+        path.write_bytes(good[:-100] if content is None else content)  # truncated, empty, random bytes
+        assert cli.main(["recommend", "synthetic", "tema", user]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"tema: error: {path}: not loaded: model.pt does not match the SHA-256")
+        assert err[0].endswith("dvc repro train@synthetic-tema")
+    finally:
+        path.write_bytes(good)
+        recommend._load.cache_clear()
+    assert cli.main(["recommend", "synthetic", "tema", user]) == 0
+
+
 def test_nearest_items_stay_in_the_domain_and_leave_the_item_out(repo):
     root, params = repo
     by_text = recommend.nearest_items("synthetic", 4, k=5)

@@ -191,5 +191,5 @@ def test_an_edit_to_the_loop_or_what_it_imports_retrains_every_model(fingerprint
 
 def test_the_loop_depends_on_what_code_fingerprint_documents(root):
     assert imports.depends_on(["tema/training.py"], root) == [
-        "tema/artifacts.py", "tema/config.py", "tema/data.py", "tema/models/base.py", "tema/models/registry.py",
+        "tema/artifacts.py", "tema/atomic.py", "tema/config.py", "tema/data.py", "tema/models/base.py", "tema/models/registry.py",
         "tema/protocols.py", "tema/training.py"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -89,6 +92,77 @@ def test_finished_runs_are_reused_and_changes_retrain(tmp_path, capsys):
     assert model.items.embedding_dim == 24
 
 
+def damage_file(path: Path, how: str) -> None:
+    blob = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif how == "flipped":  # bytes inside the tensor data, past the zip headers: torch.load alone does not notice
+        middle = len(blob) // 2
+        path.write_bytes(blob[:middle] + bytes(b ^ 0xFF for b in blob[middle : middle + 64]) + blob[middle + 64 :])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(os.urandom(len(blob)))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "empty", "random"])
+def test_a_damaged_checkpoint_is_refused_and_retrained(tmp_path, capsys, how):
+    ds = synthetic()
+    first = train_run(ds, "sasrec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    good = (tmp_path / "model.pt").read_bytes()
+    damage_file(tmp_path / "model.pt", how)
+    with pytest.raises(data.DataError, match=r"model\.pt: not loaded: model\.pt does not match the SHA-256 in run\.json.*"
+                                             r"dvc repro train@"):
+        load_run(ds, "sasrec", {"dim": 16}, cfg(), tmp_path)
+    capsys.readouterr()
+    again = train_run(ds, "sasrec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")  # the stage trains it again
+    err = capsys.readouterr().err
+    assert "already trained" not in err and "not reused: model.pt does not match" in err
+    assert (tmp_path / "model.pt").read_bytes() == good and again["fingerprint"] == first["fingerprint"]
+    assert load_run(ds, "sasrec", {"dim": 16}, cfg(), tmp_path) is not None
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    ds = synthetic()
+    train_run(ds, "sasrec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key].view(-1)[0] = float("inf")
+    torch.save(state, tmp_path / "model.pt")
+    marker = json.loads((tmp_path / "run.json").read_text())  # digests that match the bad file: only the check is left
+    marker["files"]["model.pt"] = hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
+    (tmp_path / "run.json").write_text(json.dumps(marker))
+    with pytest.raises(data.DataError, match=f"weight '{re.escape(key)}' holds NaN or inf"):
+        load_run(ds, "sasrec", {"dim": 16}, cfg(), tmp_path)
+
+
+def test_a_run_without_digests_is_not_reused(tmp_path, capsys):
+    ds = synthetic()
+    train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    marker = json.loads((tmp_path / "run.json").read_text())
+    del marker["files"]  # as an older version wrote it
+    (tmp_path / "run.json").write_text(json.dumps(marker))
+    capsys.readouterr()
+    train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    assert "records no file digests" in capsys.readouterr().err
+    assert "files" in json.loads((tmp_path / "run.json").read_text())
+
+
+def test_a_full_disk_while_saving_leaves_no_finished_run(tmp_path, monkeypatch):
+    ds = synthetic()
+    real = os.replace
+
+    def full(src, dst, *a, **k):
+        if str(dst).endswith("history.csv"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match=r"history\.csv: could not write it \(No space left on device\)"):
+        train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
+    assert not (tmp_path / "run.json").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
 def test_interrupted_run_is_not_mistaken_for_finished(tmp_path):
     ds = synthetic()
     train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
@@ -96,7 +170,8 @@ def test_interrupted_run_is_not_mistaken_for_finished(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished run"):
         load_run(ds, "gru4rec", {"dim": 16}, cfg(), tmp_path)
     result = train_run(ds, "gru4rec", {"dim": 16}, cfg(max_epochs=1), 1, tmp_path, "d")
-    assert json.loads((tmp_path / "run.json").read_text()) == result
+    marker = json.loads((tmp_path / "run.json").read_text())
+    assert set(marker.pop("files")) == {"model.pt", "history.csv"} and marker == result
 
 
 def test_bad_params_name_the_parameter(root):
