@@ -66,6 +66,35 @@ def write_with(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(path.parent)
 
 
+def write_many(contents: dict[Path, bytes]) -> None:
+    """Several files that belong together (params.yaml and its record): every one is written aside and fsynced first,
+    so a full disk or an error leaves all of them as they were; then they are renamed into place one after another
+    (a kill can fall only between two renames, microseconds apart)."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data in contents.items():
+            path = Path(path)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+            staged.append((Path(tmp_name), path))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp_name, (path.stat().st_mode & 0o7777) if path.exists() else 0o666 & ~_umask())
+            except OSError as err:
+                failure = WriteError(f"{path}: could not write it ({describe_os_error(err)}); the previous file is unchanged")
+                failure.errno = err.errno
+                raise failure from None
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    for folder in {path.parent for _, path in staged}:
+        fsync_dir(folder)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     write_with(path, lambda f: f.write(data))
 

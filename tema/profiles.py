@@ -16,9 +16,9 @@ smoke settings apply to any dataset:
 
 - `evaluations`, `pages`: the tables and pages (tema.config.evaluations, tema.config.pages);
 - `readers`: each dataset of `datasets` and its reader's source file (its prepare stage depends on it alone);
-- `tag_datasets`: every dataset with a tag source (`tags.sources`) and every dataset of `datasets`, with its
-  reader; a dataset of `datasets` without a source gets `{kind: none}`: no tags, said so in its tags report;
-- `tag_sources`: each further named tag source of a dataset (`tags.other_sources.<dataset>.<name>`) as
+- `tag_datasets`: every dataset of `datasets`, with its reader (its tags stage); a dataset without a source gets
+  `{kind: none}`: no tags, said so in its tags report. Sources of datasets the profile does not study are not run;
+- `tag_sources`: each further named tag source of a dataset of `datasets` (`tags.other_sources.<dataset>.<name>`) as
   `<dataset>-<name>`, with its dataset, name and reader (its own tags stage, `tags-source@<dataset>-<name>`);
 - `runs`: the training runs, each (dataset, model) that some table compares (tema.config.runs).
 
@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from tema import config, data, datasets, schema
+from tema import atomic, config, data, datasets, schema
 
 DERIVED = ("evaluations", "pages", "readers", "tag_datasets", "tag_sources", "runs")
 TABLE_KEYS = {"evaluations", "pages"}
@@ -110,15 +110,16 @@ def derive(params: dict[str, Any]) -> dict[str, Any]:
         for name in names:
             sources.setdefault(name, {"kind": "none"})
     others = tags.setdefault("other_sources", {}) if isinstance(tags, dict) else {}
-    tagged = list(dict.fromkeys([*names, *(sources if isinstance(sources, dict) else [])]))
+    # only the profile's own datasets: a source of another dataset (food-kitchen's, set in the defaults) is never
+    # re-run by a profile that does not study it, whatever its llm settings say
     derived = {
         "evaluations": config.evaluations(params),
         "pages": config.pages(params),
         "readers": {name: datasets.reader_path(name) for name in names},
-        "tag_datasets": {name: datasets.reader_path(name) for name in tagged},
+        "tag_datasets": {name: datasets.reader_path(name) for name in names},
         "tag_sources": {f"{name}-{source}": {"dataset": name, "source": source, "reader": datasets.reader_path(name)}
                         for name, named in (others.items() if isinstance(others, dict) else []) if isinstance(named, dict)
-                        for source in named},
+                        and name in names for source in named},
     }
     derived["runs"] = config.runs({**params, **derived})
     out: dict[str, Any] = {}
@@ -315,11 +316,13 @@ def apply_profile(name: str, reset: bool = False) -> Written:
                     f"do not fit profile {name}; fix them in params.yaml, or drop them with `tema profile {name} --reset`:",
                     *str(err).splitlines()])) from None
     out = config.repo_root() / "params.yaml"
-    out.write_text(header(name, kept) + yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     record = ("# What `tema profile` last wrote to params.yaml (tema.profiles, docs/profiles.md): the profile, the edits of\n"
               "# params.yaml it kept over it, and every value written. The next `tema profile` compares params.yaml with\n"
               "# `written` to find the edits made since (by hand or `dvc exp run -S`) and keeps them. Commit it with\n"
               "# params.yaml; do not edit it.\n")
-    record_path().write_text(record + yaml.safe_dump({"profile": name, "overrides": kept, "written": params}, sort_keys=False),
-                             encoding="utf-8")
+    # both files whole or not at all: a kill or a full disk leaves params.yaml and its record as they were
+    atomic.write_many({
+        out: (header(name, kept) + yaml.safe_dump(params, sort_keys=False)).encode("utf-8"),
+        record_path(): (record + yaml.safe_dump({"profile": name, "overrides": kept, "written": params}, sort_keys=False)).encode("utf-8"),
+    })
     return Written(out, name, kept, list(dict.fromkeys(dropped)))

@@ -45,14 +45,58 @@ def test_a_profile_extends_another_and_the_derived_keys_follow_its_tables(repo):
     assert params["train"] == smoke["train"] and params["prepare"] == smoke["prepare"]  # the smoke settings, for any dataset
     assert "extends" not in params and params["datasets"] == ["mine"]
     assert params["readers"] == {"mine": "tema/datasets/generic.py"}
-    # the benchmarks keep their tags stages; mine has no tag source: none, written as such
-    assert params["tag_datasets"] == {"mine": "tema/datasets/generic.py", "food-kitchen": "tema/datasets/food_kitchen.py",
-                                      "art-office": "tema/datasets/art_office.py"}
+    # only mine's tags stage runs (the benchmarks' sources are not the profile's datasets); mine has no tag source:
+    # none, written as such
+    assert params["tag_datasets"] == {"mine": "tema/datasets/generic.py"}
     assert params["tags"]["sources"]["mine"] == {"kind": "none"}
     assert params["tags"]["sources"]["food-kitchen"] == smoke["tags"]["sources"]["food-kitchen"]
     assert params["runs"] == {f"mine-{m}": {"dataset": "mine", "model": m} for m in ["popularity", "sasrec", "tema-no-tags"]}
     schema.validate(params)
     assert config.reference(params, "mine") is None  # no TEMA in the table, none named: no paired tests
+
+
+def test_a_profile_runs_only_the_tags_stages_of_its_own_datasets(repo):
+    """A profile for a new dataset that sets llm.model must not re-run food-kitchen's tags stage (which would ask the
+    new endpoint for food-kitchen's items and append them to its committed cache)."""
+    profile(repo, "mine-llm", {"datasets": ["mine"], "models": ["popularity"], "llm": {"model": "another-model"},
+                               "tags": {"other_sources": {"food-kitchen": {"small": {"kind": "none"}}}}})
+    params = profiles.profile_params("mine-llm")
+    assert set(params["tag_datasets"]) == {"mine"} and params["tag_sources"] == {}
+    assert set(profiles.profile_params("default")["tag_datasets"]) == {"food-kitchen"}
+    assert set(profiles.profile_params("full")["tag_datasets"]) == {"food-kitchen", "art-office"}
+
+
+@pytest.mark.parametrize("fault", ["full disk", "kill"])
+def test_tema_profile_writes_params_yaml_whole_or_not_at_all(repo, monkeypatch, fault):
+    import errno
+    import os
+
+    profiles.apply_profile("smoke")
+    edited = (repo / "params.yaml").read_text().replace("max_epochs: 2", "max_epochs: 3")  # a hand edit to keep
+    (repo / "params.yaml").write_text(edited)
+    before = {p: (repo / p).read_bytes() for p in ("params.yaml", profiles.RECORD)}
+    real_replace, real_fsync = os.replace, os.fsync
+    calls = []
+    if fault == "full disk":
+        def failing(fd):  # the second file's data does not fit
+            calls.append(fd)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "fsync", failing)
+        with pytest.raises(OSError, match=r"could not write it \(No space left on device\)"):
+            profiles.apply_profile("default")
+    else:
+        def killed(*args):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            profiles.apply_profile("default")
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert {p: (repo / p).read_bytes() for p in before} == before
+    assert sorted(p.name for p in repo.iterdir() if ".tmp" in p.name) == []
+    written = profiles.apply_profile("smoke")  # the hand edit is still there to keep
+    assert written.kept == {"train.max_epochs": 3}
 
 
 def test_runs_are_the_models_each_dataset_is_compared_on(repo):
