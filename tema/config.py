@@ -27,13 +27,54 @@ def repo_root() -> Path:
     raise FileNotFoundError("cannot find the repository root (a folder with dvc.yaml and params.yaml)")
 
 
-def load_params(path: str | Path | None = None) -> dict[str, Any]:
-    path = Path(path) if path else repo_root() / "params.yaml"
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML file names one key twice (PyYAML would keep the last silently; DVC refuses the file)."""
+
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"line {line}: duplicate key {key!r} (first at line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, at any nesting level (merge keys `<<` may still
+    be overridden, as YAML means them to be)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the constructor's own error says so
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path, error: type[Exception] = ValueError, text: str | None = None) -> Any:
+    """The YAML file `path` (or `text`, read from it), parsed with UniqueKeyLoader. A file that is no YAML, or names a
+    key twice in a mapping, raises `error` with one line naming the file (and the line)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            params = yaml.safe_load(f)
+        if text is not None:
+            return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
+        with open(path, encoding="utf-8") as f:  # the stream: YAML's own messages name the file
+            return yaml.load(f, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise error(f"{path}:{err.line}: duplicate key {err.key!r} (first at line {err.first}); expected each key once in "
+                    "a mapping (YAML would keep the last one silently; DVC refuses such a file)") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:  # a hand edit gone wrong: one line naming the file, no traceback
-        raise ParamsError(f"{path}: expected YAML, could not parse it ({' '.join(str(err).split())})") from None
+        raise error(f"{path}: expected YAML, could not parse it ({' '.join(str(err).split())})") from None
+
+
+def load_params(path: str | Path | None = None) -> dict[str, Any]:
+    """params.yaml (or a profile, or another parameter file): a mapping, each key once (read_yaml)."""
+    path = Path(path) if path else repo_root() / "params.yaml"
+    params = read_yaml(path, ParamsError)
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     return params

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -57,8 +59,36 @@ def integer(low: int | None = None, high: int | None = None) -> Rule:
 
 
 def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A finite number in the bounds: NaN compares false with every bound and would pass any range, and infinity is no
+    setting (a NaN coverage threshold let any tag run pass, a NaN backoff crashes at the first retry)."""
     expected = " ".join(["a number", _bounds(low, high, low_open, high_open)]).strip()
-    return lambda v: None if _is_number(v) and _in_bounds(v, low, high, low_open, high_open) else expected
+
+    def check(v: Any) -> str | None:
+        if _is_number(v) and not math.isfinite(v):
+            return expected.replace("a number", "a finite number", 1)
+        return None if _is_number(v) and _in_bounds(v, low, high, low_open, high_open) else expected
+    return check
+
+
+# What numpy's and Python's generators take as a seed (np.random.seed, which training calls, refuses anything else;
+# np.random.default_rng refuses a negative one).
+SEED_MAX = 2**32 - 1
+seed = integer(0, SEED_MAX)
+
+
+def repo_folder(v: Any) -> str | None:
+    """A folder inside the repository, relative to its root: not absolute, and not resolving outside the root (through
+    '..' or a symbolic link), so that a stage writes only what DVC tracks."""
+    expected = "a folder inside the repository, relative to its root (e.g. data/tags-smoke)"
+    if not isinstance(v, str) or not v.strip():
+        return expected
+    if os.path.isabs(v) or v.startswith("~") or os.path.normpath(v).split(os.sep)[0] == "..":
+        return expected
+    try:
+        root = config.repo_root().resolve()
+    except FileNotFoundError:  # outside a repository: what the text says is all there is to check
+        return None
+    return None if (root / v).resolve().is_relative_to(root) else f"{expected}; it resolves to {(root / v).resolve()}"
 
 
 def boolean(v: Any) -> str | None:
@@ -121,11 +151,11 @@ class Key:
 Section = dict[str, Key]
 
 PREPARE: Section = {
-    "seed": Key(integer()),
+    "seed": Key(seed),
     "subsample": Key({"train_users": Key(optional(integer(1))), "eval_users": Key(optional(integer(1)))}),
 }
 TRAIN: Section = {
-    "seeds": Key(list_of(integer())),
+    "seeds": Key(list_of(seed)),
     "max_epochs": Key(integer(1)),
     "patience": Key(integer(1)),
     "batch_size": Key(integer(1)),
@@ -138,7 +168,7 @@ TRAIN: Section = {
 }
 EVALUATE: Section = {
     "n_candidates": Key(integer(1)),
-    "candidate_seed": Key(integer()),
+    "candidate_seed": Key(seed),
     "batch_size": Key(integer(1)),
     "reference": Key(optional(text), required=False),
 }
@@ -179,7 +209,7 @@ HYPER_RULES: dict[str, Rule] = {
     "dropout": number(0, 1, high_open=True), "lr": number(0, low_open=True), "weight_decay": number(0),
     "max_len": integer(1), "lam": number(0, 1), "loss_positions": integer(1), "aux_weight": number(0),
     "tag_attention": boolean, "cross_attention": boolean, "text": boolean, "visual": boolean, "gate": boolean,
-    "tag_dropout": number(0, 1, high_open=True), "tag_noise": number(0, 1), "tag_noise_seed": integer(),
+    "tag_dropout": number(0, 1, high_open=True), "tag_noise": number(0, 1), "tag_noise_seed": seed,
     "tags_from": optional(text),
 }
 INJECTED = ("features",)  # the features stage's arrays, handed to a model by the trainer (tema.training)
@@ -249,7 +279,7 @@ def tags_section(params: dict[str, Any]) -> Section:
         "other_sources": Key(named, required=False),
         "limit_items": Key(optional(integer(1))),
         "refine": Key(REFINE),
-        "out_dir": Key(text),
+        "out_dir": Key(repo_folder),
         "min_coverage": Key(number(0, 1)),
     }
 
@@ -270,7 +300,7 @@ def _structure(params: dict[str, Any]) -> Section:
         "train": Key(TRAIN),
         "evaluate": Key(EVALUATE),
         "model_params": Key(lambda v: None if isinstance(v, dict) else "a mapping of model name to its hyper-parameters"),
-        "tune": Key({"trials": Key(integer(1)), "seed": Key(integer()), "space": Key(lambda v: None),
+        "tune": Key({"trials": Key(integer(1)), "seed": Key(seed), "space": Key(lambda v: None),
                      "model_space": Key(lambda v: None, required=False), "designs": Key(lambda v: None, required=False)},
                     required=False),
         "llm": Key(llm_section()),
@@ -328,7 +358,7 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
         return errors
     errors += _derived_checks(params)
     tags = params["tags"]
-    if tags["limit_items"] is not None and config.tags_out_dir(params) == config.DEFAULT_TAGS_DIR:
+    if tags["limit_items"] is not None and os.path.normpath(config.tags_out_dir(params)) == os.path.normpath(config.DEFAULT_TAGS_DIR):
         errors.append(f"tags.out_dir: a limited run (tags.limit_items: {tags['limit_items']}) must not write to {config.DEFAULT_TAGS_DIR}, "
                       "where the full-data tags are; expected another folder (the smoke profile uses data/tags-smoke)")
     errors += _model_checks(params)
@@ -353,9 +383,10 @@ def _derived_checks(params: dict[str, Any]) -> list[str]:
     names = params["datasets"]
     sources = params["tags"]["sources"]
     expected = {"readers": {n: datasets.reader_path(n) for n in names},
-                "tag_datasets": {n: datasets.reader_path(n) for n in dict.fromkeys([*names, *sources])},
+                "tag_datasets": {n: datasets.reader_path(n) for n in names},
                 "tag_sources": {f"{n}-{k}": {"dataset": n, "source": k, "reader": datasets.reader_path(n)}
-                                for n, named in (params["tags"].get("other_sources") or {}).items() for k in (named or {})}}
+                                for n, named in (params["tags"].get("other_sources") or {}).items() if n in names
+                                for k in (named or {})}}
     errors = []
     for key, value in expected.items():
         if key in params and params[key] != value:

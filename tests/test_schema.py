@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 
 import pytest
@@ -66,7 +67,15 @@ CASES = [
     ("llm.colour", "red", "llm.colour: unknown key; expected one of"),
     ("train.device", "cuda:7", "train.device: expected 'auto', 'cpu', 'mps', 'cuda' or 'cuda:<index>' of a device this machine has"),
     ("train.device", "gpu", "train.device: expected 'auto', 'cpu', 'mps', 'cuda' or 'cuda:<index>', got 'gpu'"),
-    ("train.seeds", [], "train.seeds: expected a non-empty list without repeats of integers, got []"),
+    ("train.seeds", [], "train.seeds: expected a non-empty list without repeats of integers >= 0 and <= 4294967295, got []"),
+    # numpy's seeds (np.random.seed in training, default_rng in prepare, tune and the tag noise): 0..2^32-1
+    ("train.seeds", [1, 2**32], "train.seeds: expected a non-empty list without repeats of integers >= 0 and <= 4294967295, "
+                                "got [1, 4294967296]"),
+    ("train.seeds", [-1], "train.seeds: expected a non-empty list without repeats of integers >= 0 and <= 4294967295, got [-1]"),
+    ("prepare.seed", -1, "prepare.seed: expected an integer >= 0 and <= 4294967295, got -1"),
+    ("evaluate.candidate_seed", 2**32, "evaluate.candidate_seed: expected an integer >= 0 and <= 4294967295, got 4294967296"),
+    ("tune.seed", -7, "tune.seed: expected an integer >= 0 and <= 4294967295, got -7"),
+    ("model_params.tema.tag_noise_seed", -1, "model_params.tema.tag_noise_seed: expected an integer >= 0 and <= 4294967295"),
     ("train.loss", "softmax", "train.loss: expected one of ['full', 'sampled'], got 'softmax'"),
     ("prepare.subsample.train_users", -5, "prepare.subsample.train_users: expected null or an integer >= 1, got -5"),
     ("tags.limit_items", -3, "tags.limit_items: expected null or an integer >= 1, got -3"),
@@ -75,6 +84,20 @@ CASES = [
     ("tags.refine.vocab_size", KeyError, "tags.refine.vocab_size: missing; expected an integer >= 1"),
     ("tags.refine.vocab", 10, "tags.refine.vocab: unknown key; expected one of"),
     ("tags.min_coverage", 1.5, "tags.min_coverage: expected a number >= 0 and <= 1, got 1.5"),
+    # NaN compares false with every bound: it passed any range (a coverage of 6 in 40 items replaced good tags)
+    ("tags.min_coverage", math.nan, "tags.min_coverage: expected a finite number >= 0 and <= 1, got nan"),
+    ("llm.backoff_s", math.nan, "llm.backoff_s: expected a finite number >= 0, got nan"),
+    ("llm.backoff_s", math.inf, "llm.backoff_s: expected a finite number >= 0, got inf"),
+    ("llm.timeout_s", -math.inf, "llm.timeout_s: expected a finite number > 0, got -inf"),
+    ("model_params.sasrec.lr", math.inf, "model_params.sasrec.lr: expected a finite number > 0, got inf"),
+    ("model_params.tema.dropout", math.nan, "model_params.tema.dropout: expected a finite number >= 0 and < 1, got nan"),
+    ("tune.space.lr", [0.001, math.nan], "tune.space.lr: expected a non-empty list without repeats of numbers > 0"),
+    # the tags stage writes only inside the repository (what DVC tracks)
+    ("tags.out_dir", "/tmp/tags", "tags.out_dir: expected a folder inside the repository, relative to its root (e.g. "
+                                  "data/tags-smoke), got '/tmp/tags'"),
+    ("tags.out_dir", "../tags", "tags.out_dir: expected a folder inside the repository, relative to its root"),
+    ("tags.out_dir", "data/../../tags", "tags.out_dir: expected a folder inside the repository, relative to its root"),
+    ("tags.out_dir", "~/tags", "tags.out_dir: expected a folder inside the repository, relative to its root"),
     ("tags.sources.food-kitchen.pass2.mode", "all", "tags.sources.food-kitchen.pass2.mode: expected one of ['map', 'fill', 'retag']"),
     ("tags.sources.art-office.file", KeyError, "tags.sources.art-office.file: missing; an external source names its tag file"),
     ("evaluate.reference", "gru5rec", "evaluate.reference: expected one of the models of table"),
@@ -117,9 +140,89 @@ def test_every_problem_is_listed_one_line_each(default):
 
 def test_a_limited_run_may_write_elsewhere(default):
     schema.validate(with_change(with_change(default, "tags.limit_items", 40), "tags.out_dir", "data/tags-smoke"))
+    for same in ("data/tags/", "./data/tags", "data/x/../tags"):  # the full-data tags' folder, however it is written
+        limited = with_change(with_change(default, "tags.limit_items", 40), "tags.out_dir", same)
+        assert errors_of(limited)[0].startswith("params.yaml: tags.out_dir: a limited run (tags.limit_items: 40) must not write")
+
+
+def test_every_float_parameter_refuses_nan_and_infinity(default):
+    """At the number rule, not per key: every rule it makes, whatever its bounds, and the llm settings without a rule of
+    their own (their type's rule, from tema.tagging.Settings' defaults)."""
+    for rule in (schema.number(), schema.number(0), schema.number(0, 1, low_open=True), schema.number(-2, 2, high_open=True)):
+        for bad in (math.nan, math.inf, -math.inf, float("nan")):
+            assert rule(bad) is not None and "finite" in rule(bad)
+        assert rule(0.5) is None
+    floats = [name for name, key in schema.llm_section().items() if not isinstance(key.rule, dict) and key.rule(0.5) is None]
+    assert {"temperature", "timeout_s", "backoff_s", "max_retry_after_s"} <= set(floats)
+    assert [name for name in floats if schema.llm_section()[name].rule(math.nan) is None] == []
+    for name, rule in schema.HYPER_RULES.items():
+        assert rule(math.nan) is not None and rule(math.inf) is not None, name
+
+
+def test_tags_out_dir_may_not_leave_the_repository_through_a_link(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "data").mkdir()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (tmp_path / "data" / "elsewhere").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "data" / "inside").symlink_to(tmp_path / "data", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert schema.repo_folder("data/tags-smoke") is None and schema.repo_folder("data/inside/tags") is None
+    problem = schema.repo_folder("data/elsewhere/tags")
+    assert problem == (f"a folder inside the repository, relative to its root (e.g. data/tags-smoke); it resolves to "
+                       f"{(outside / 'tags').resolve()}")
+
+
+DUPLICATED = """\
+datasets: [food-kitchen]
+llm:
+  model: a-model
+  k: 5
+train:
+  max_epochs: 3
+llm:
+  k: 8
+"""
+
+
+def test_a_key_given_twice_is_refused_in_params_yaml_and_profiles(tmp_path, root, monkeypatch, capsys):
+    """The last one would win: a second `llm:` block reset every other llm key. DVC refuses such a file; so does tema,
+    at any nesting level, naming the file, the key and its line."""
+    path = tmp_path / "params.yaml"
+    path.write_text(DUPLICATED)
+    with pytest.raises(config.ParamsError) as caught:
+        config.load_params(path)
+    assert str(caught.value) == (f"{path}:7: duplicate key 'llm' (first at line 2); expected each key once in a mapping (YAML "
+                                 "would keep the last one silently; DVC refuses such a file)")
+    path.write_text("train:\n  max_epochs: 3\n  patience: 2\n  max_epochs: 5\n")
+    with pytest.raises(config.ParamsError, match=r"params\.yaml:4: duplicate key 'max_epochs' \(first at line 2\)"):
+        config.load_params(path)
+    path.write_text("model_params: {sasrec: {lr: 0.1, lr: 0.2}}\n")  # a flow mapping: the same line
+    with pytest.raises(config.ParamsError, match=r"params\.yaml:1: duplicate key 'lr' \(first at line 1\)"):
+        config.load_params(path)
+    path.write_text("base: &b {k: 5, seed: 1}\nllm:\n  <<: *b\n  k: 8\n")  # a merge key may be overridden, as YAML means
+    assert config.load_params(path)["llm"] == {"k": 8, "seed": 1}
+    # a profile: `tema profile` refuses it in one line, params.yaml left alone
+    params_yaml = repo_with_profile(tmp_path / "repo", root, {})
+    (tmp_path / "repo" / "profiles" / "mine.yaml").write_text("extends: smoke\ntrain:\n  max_epochs: 2\ntrain:\n  patience: 1\n")
+    before = params_yaml.read_bytes()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert cli.main(["profile", "mine"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("tema: error: ") and err[0].endswith(
+        "profiles/mine.yaml:4: duplicate key 'train' (first at line 2); expected each key once in a mapping (YAML would keep "
+        "the last one silently; DVC refuses such a file)"), err
+    assert params_yaml.read_bytes() == before
+
+
+def test_the_committed_parameter_files_have_no_key_twice(root):
+    for path in [root / "params.yaml", *sorted((root / "profiles").glob("*.yaml"))]:
+        config.load_params(path)
 
 
 def repo_with_profile(tmp_path, root, profile: dict):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(root / name, tmp_path / name)
     shutil.copytree(root / "profiles", tmp_path / "profiles")
