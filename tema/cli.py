@@ -71,7 +71,12 @@ def dataset_command(args: argparse.Namespace) -> int:
         return 0
     from tema.datasets.add import add
 
-    dataset = add(args.name, args.folder, datasets.raw_root(), args.origin, args.replace)
+    try:
+        dataset = add(args.name, args.folder, datasets.raw_root(), args.origin, args.replace)
+    except FileNotFoundError:
+        raise  # main: '<path>: not found'
+    except OSError as err:  # a full disk, a folder without permission: one line naming the path (data/raw as it was)
+        raise data.DataError(os_error_line(err)) from err
     splits = dataset.sequences.groupby("split").size().to_dict()
     per_domain = dataset.items.groupby("domain").size().to_dict()
     print(f"added data/raw/{args.name}/: {dataset.n_items:,} items ({', '.join(f'{d} {n:,}' for d, n in per_domain.items())}), "
@@ -84,6 +89,15 @@ def dataset_command(args: argparse.Namespace) -> int:
     print("  " + profiles.suggestion(args.name).rstrip("\n").replace("\n", "\n  "))
     print(f"\nthen: tema profile {args.name} && dvc repro")
     return 0
+
+
+def os_error_line(err: OSError) -> str:
+    """An error of the file system in one line naming its path: a tema.atomic.WriteError says it all already."""
+    from tema.atomic import WriteError, describe_os_error
+
+    if isinstance(err, WriteError) or not err.filename:
+        return " ".join(str(err).split())
+    return f"{err.filename}: {describe_os_error(err)}"
 
 
 DEBUG_ENV = "TEMA_DEBUG"

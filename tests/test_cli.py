@@ -3,7 +3,9 @@ user's mistake ends in one line `tema: error: ...` with a non-zero exit, never a
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +144,71 @@ def test_ctrl_c_is_one_line_and_status_130_and_a_bug_keeps_its_traceback(monkeyp
     with pytest.raises(TypeError, match="a bug"):
         cli.main(["profile", "default"])
     assert isinstance(config.ParamsError("x"), cli.USER_ERRORS)
+
+
+def dataset_repo(tmp_path: Path) -> Path:
+    """A repository with data/raw/mine vendored from a folder of the generic format (tests/test_generic.py)."""
+    from test_generic import source_folder
+
+    from tema.datasets.add import add
+
+    study = tmp_path / "study"
+    (study / "profiles").mkdir(parents=True)
+    shutil.copy(ROOT / "profiles" / "default.yaml", study / "profiles" / "default.yaml")
+    (study / "dvc.yaml").write_text("stages: {}\n")
+    (study / "params.yaml").write_text("{}\n")
+    add("mine", source_folder(tmp_path), study / "data" / "raw")
+    return study
+
+
+def raw_state(study: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(study)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted((study / "data").rglob("*"))}
+
+
+def test_a_full_disk_during_dataset_add_is_one_line_naming_the_path_and_leaves_data_raw_as_it_was(tmp_path, monkeypatch, capsys):
+    study = dataset_repo(tmp_path)
+    before = raw_state(study)
+    monkeypatch.chdir(study)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    real_fsync = os.fsync
+
+    def full(fd):  # the data reach the disk at fsync: where a full disk says so
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    for argv in (["dataset", "add", "mine", str(tmp_path / "incoming"), "--replace"], ["dataset", "add", "new", str(tmp_path / "incoming")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        name = argv[2]
+        assert err == [f"tema: error: {study / 'data' / 'raw' / name / 'items.csv.gz'}: could not write it (No space left on device); "
+                       f"{study / 'data' / 'raw'} is left as it was"], err
+        assert raw_state(study) == before  # the old dataset, and no staging folder
+    # a folder data/raw cannot be written to at all: the same, one line naming the path
+    monkeypatch.setattr(os, "fsync", real_fsync)
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert cli.main(["dataset", "add", "new", str(tmp_path / "incoming")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"tema: error: {study / 'data' / 'raw' / 'new'}: could not create it (Permission "
+                                                    f"denied); {study / 'data' / 'raw'} is left as it was"]
+    assert raw_state(study) == before
+
+
+def test_an_unreadable_file_while_adding_a_dataset_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    study = dataset_repo(tmp_path)
+    before = raw_state(study)
+    monkeypatch.chdir(study)
+    events = tmp_path / "incoming" / "events.csv"
+    real = Path.read_bytes
+
+    def unreadable(self):
+        if self == events:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    assert cli.main(["dataset", "add", "other", str(tmp_path / "incoming")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"tema: error: {events}: Permission denied"]
+    assert raw_state(study) == before

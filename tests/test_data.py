@@ -154,3 +154,27 @@ def test_prepared_roundtrip(tmp_path):
     assert back.items.equals(ds.items)
     with pytest.raises(data.DataError, match="run the prepare stage first"):
         data.load("food-kitchen", tmp_path / "missing")
+
+
+def test_a_benchmarks_dataset_yaml_with_an_unknown_or_repeated_key_is_refused(tmp_path, root):
+    """A benchmark's description holds the keys every dataset has; the generic format's own keys are unknown to it."""
+    shipped = (root / "data" / "raw" / "food-kitchen" / "dataset.yaml").read_text()
+    lines = len(shipped.splitlines())
+    write_raw(tmp_path, "food-kitchen", food_kitchen_files(), spec=shipped + "split:\n  rule: time\n")
+    path = tmp_path / "food-kitchen" / "dataset.yaml"
+    with pytest.raises(data.DataError) as caught:
+        datasets.read_raw("food-kitchen", tmp_path)
+    assert str(caught.value) == (f"{path}:{lines + 1}: unknown key 'split'; expected one of ['format', 'description', "
+                                 "'domains', 'source'] (format 'food-kitchen', docs/datasets.md)")
+    path.write_text(shipped + "description: another line\n")
+    with pytest.raises(data.DataError, match=rf"dataset\.yaml:{lines + 1}: duplicate key 'description' \(first at line \d+\)"):
+        datasets.spec("food-kitchen", tmp_path)
+
+
+def test_dataset_discovery_ignores_hidden_folders(tmp_path):
+    write_raw(tmp_path, "food-kitchen", food_kitchen_files())
+    shipped = (tmp_path / "food-kitchen" / "dataset.yaml").read_text()
+    write_raw(tmp_path, ".food-kitchen.add-1", food_kitchen_files(), spec=shipped)  # a running `tema dataset add`'s staging
+    write_raw(tmp_path, ".backup", food_kitchen_files(), spec=shipped)
+    assert datasets.known(tmp_path) == ["food-kitchen"]
+    assert datasets.read_raw("food-kitchen", tmp_path).n_items == 9

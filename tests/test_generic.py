@@ -230,3 +230,164 @@ def test_the_cli_adds_a_dataset_and_prints_the_profile_that_runs_it(tmp_path, mo
     assert profile["evaluations"]["mine"]["reference"] == "tema-no-tags"
     assert cli.main(["dataset", "add", "Bad Name", str(tmp_path / "incoming")]) == 2
     assert "expected a dataset name of letters, digits" in capsys.readouterr().err
+
+
+# -- dataset.yaml: keys given twice, unknown keys, domains too small to evaluate -----------------------------
+
+def test_a_key_given_twice_in_dataset_yaml_is_refused_naming_the_file_the_key_and_its_line(tmp_path):
+    folder = write(tmp_path / "raw" / "mine")
+    text = yaml.safe_dump(SPEC, sort_keys=False)
+    (folder / "dataset.yaml").write_text(text + "split:\n  rule: time\n")  # the last would win: another split rule
+    line = len(text.splitlines()) + 1
+    first = next(n for n, row in enumerate(text.splitlines(), 1) if row.startswith("split:"))
+    with pytest.raises(DataError) as caught:
+        datasets.spec("mine", tmp_path / "raw")
+    assert str(caught.value) == (f"{folder / 'dataset.yaml'}:{line}: duplicate key 'split' (first at line {first}); expected "
+                                 "each key once in a mapping (YAML would keep the last one silently; DVC refuses such a file)")
+    (folder / "dataset.yaml").write_text(text.replace("  A:\n    id: book\n", "  A:\n    id: book\n    id: film\n"))
+    with pytest.raises(DataError, match=r"dataset\.yaml:\d+: duplicate key 'id'"):  # at any level
+        datasets.spec("mine", tmp_path / "raw")
+
+
+def test_an_unknown_top_level_key_in_dataset_yaml_is_refused_naming_the_known_keys(tmp_path):
+    folder = write(tmp_path / "raw" / "mine")
+    text = yaml.safe_dump(SPEC, sort_keys=False)
+    (folder / "dataset.yaml").write_text(text + "splt:\n  rule: time\n")  # a typo: the split rule would be silently the default
+    with pytest.raises(DataError) as caught:
+        datasets.read_raw("mine", tmp_path / "raw")
+    assert str(caught.value) == (f"{folder / 'dataset.yaml'}:{len(text.splitlines()) + 1}: unknown key 'splt'; expected one of "
+                                 "['format', 'description', 'domains', 'source', 'items', 'interactions', 'sequences', 'split'] "
+                                 "(format 'generic', docs/datasets.md)")
+
+
+def test_every_committed_dataset_yaml_passes(tmp_path):
+    for spec in sorted((ROOT / "data" / "raw").glob("*/dataset.yaml")):
+        datasets.spec(spec.parent.name, ROOT / "data" / "raw")
+    for spec in sorted((ROOT / "examples").glob("*/dataset.yaml")):
+        add(spec.parent.name, spec.parent, tmp_path / "raw")
+
+
+ONE_FILM = "item,kind,title,blurb\nb1,book,Dune,sand\nb2,book,Emma,\nf1,film,Alien,space\nb3,book,Ulysses,\n"
+
+
+def test_a_domain_too_small_to_evaluate_is_refused_when_the_dataset_is_added(tmp_path):
+    """prepare ranks each target among evaluate.n_candidates (>= 1) other items of its domain: a domain of one item
+    suits no setting, and used to be refused only by prepare, with a message no setting satisfies."""
+    folder = source_folder(tmp_path)
+    (folder / "items.csv").write_text(ONE_FILM)
+    (folder / "events.csv").write_text("user,item,when\nu1,b1,1\nu1,f1,2\nu1,b2,3\nu1,b3,4\n")
+    with pytest.raises(DataError) as caught:
+        add("mine", folder, tmp_path / "raw")
+    assert str(caught.value) == (f"{folder / 'dataset.yaml'}: items.file: domain B ('film') has 1 item; expected at least 2 "
+                                 "items in each domain (evaluation ranks each target among evaluate.n_candidates >= 1 other "
+                                 "items of its domain; the default 999 needs 1000)")
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+    with pytest.raises(DataError, match=r"items\.file: domain B \('film'\) has no item; expected at least 2"):
+        read(tmp_path, files={"items.csv": ONE_FILM.replace("f1,film,Alien,space\n", ""), "events.csv": "user,item,when\n"})
+
+
+# -- tema dataset add: errors name the user's files; a kill, an error or a full disk leave data/raw whole ------
+
+def test_errors_while_adding_name_the_users_file_and_line_not_the_staging_copy(tmp_path):
+    folder, raw = source_folder(tmp_path), tmp_path / "raw"
+    (folder / "events.csv").write_text(EVENTS + "u4,x9,7\n")
+    with pytest.raises(DataError) as caught:
+        add("mine", folder, raw)
+    assert str(caught.value).startswith(f"{folder / 'events.csv'}:12: unknown item 'x9'; expected an id of the items file")
+    (folder / "events.csv").write_text(EVENTS)
+    (folder / "dataset.yaml").write_text(yaml.safe_dump({**SPEC, "split": {"rule": "random"}}))
+    with pytest.raises(DataError) as caught:
+        add("mine", folder, raw)
+    assert str(caught.value).startswith(f"{folder / 'dataset.yaml'}: split.rule: expected one of")
+    (folder / "dataset.yaml").write_text(yaml.safe_dump({**SPEC, "source": "the web"}))
+    with pytest.raises(DataError, match=r"incoming/dataset\.yaml: source: expected a mapping"):
+        add("mine", folder, raw)
+    gz = tmp_path / "gz"
+    shutil.copytree(folder, gz)
+    (gz / "dataset.yaml").write_text(yaml.safe_dump({**SPEC, "items": {**SPEC["items"], "file": "items.csv.gz"}}))
+    (gz / "items.csv.gz").write_bytes(gzip.compress((ITEMS + "f3,film\n").encode()))
+    with pytest.raises(DataError) as caught:
+        add("mine", gz, raw)
+    assert str(caught.value) == f"{gz / 'items.csv.gz'}:7: expected 4 fields as in the header, got 2"
+    assert not any(raw.iterdir())
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The id of a process that has ended (what a killed `tema dataset add` leaves in its folders' names)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def added(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """data/raw with 'mine' vendored, and its files."""
+    raw = tmp_path / "raw"
+    add("mine", source_folder(tmp_path), raw)
+    return raw, {p.name: p.read_bytes() for p in (raw / "mine").iterdir()}
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_replace_killed_between_its_renames_is_undone_by_the_next_reader(tmp_path, dead_pid):
+    raw, before = added(tmp_path)
+    # killed after `mine` was renamed aside and before the new folder took its place: no data/raw/mine at all
+    (raw / "mine").rename(raw / f".mine.old-{dead_pid}")
+    (raw / f".mine.add-{dead_pid}").mkdir()
+    (raw / f".mine.add-{dead_pid}" / "dataset.yaml").write_text("format: generic\n")
+    assert datasets.known(raw) == ["mine"]  # `tema dataset list`: the old dataset is back
+    assert contents(raw / "mine") == before
+    assert sorted(p.name for p in raw.iterdir()) == ["mine"]
+    # the same state met by a reader (prepare, the schema) or by the next `tema dataset add`
+    for reader_of_raw in (lambda: datasets.read_raw("mine", raw), lambda: add("other", tmp_path / "incoming", raw)):
+        (raw / "mine").rename(raw / f".mine.old-{dead_pid}")
+        reader_of_raw()
+        assert contents(raw / "mine") == before and not [p for p in raw.iterdir() if p.name.startswith(".")]
+
+
+def test_a_replace_killed_after_its_renames_leaves_the_new_dataset_and_no_old_copy(tmp_path, dead_pid):
+    raw, before = added(tmp_path)
+    old = raw / f".mine.old-{dead_pid}"
+    shutil.copytree(raw / "mine", old)
+    (old / "dataset.yaml").write_text("# the replaced one\n")
+    assert datasets.known(raw) == ["mine"] and contents(raw / "mine") == before and not old.exists()
+
+
+def test_staging_folders_are_no_datasets_and_those_of_a_running_add_are_left_alone(tmp_path, monkeypatch, capsys):
+    raw, before = added(tmp_path)
+    running = raw / ".mine.add-1"  # pid 1 runs: an add in progress, whose folder is not to be touched
+    shutil.copytree(raw / "mine", running)
+    assert datasets.known(raw) == ["mine"] and running.is_dir()
+    # the CLI lists every dataset, where the staging folder's description used to fail the listing
+    repo = tmp_path / "repo"
+    shutil.copytree(raw, repo / "data" / "raw", symlinks=True)
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    (repo / "params.yaml").write_text("{}\n")
+    monkeypatch.chdir(repo)
+    assert cli.main(["dataset", "list"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["mine"]
+
+
+def test_an_error_at_the_second_rename_puts_the_old_dataset_back(tmp_path, monkeypatch):
+    raw, before = added(tmp_path)
+    folder = tmp_path / "incoming"
+    (folder / "events.csv").write_text(EVENTS.replace("u3,b1,5", "u3,b2,5"))
+    real = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".mine.add-"):  # the new folder into place
+            raise KeyboardInterrupt("Ctrl-C between the renames")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        add("mine", folder, raw, replace=True)
+    assert contents(raw / "mine") == before and sorted(p.name for p in raw.iterdir()) == ["mine"]
+    monkeypatch.setattr(Path, "rename", real)
+    add("mine", folder, raw, replace=True)
+    assert contents(raw / "mine") != before and sorted(p.name for p in raw.iterdir()) == ["mine"]

@@ -3,6 +3,9 @@
 `known()` lists them, `spec(name)` reads a description (tema.datasets.spec), `read_raw(name)` verifies and reads the
 files into the canonical form (tema.data.Dataset) with the reader its `format` names (tema.datasets.registry; the
 generic CSV/TSV reader is tema.datasets.generic). Adding a dataset is adding a folder: no code changes.
+
+Each of them first puts right what a killed `tema dataset add` left in data/raw (tema.datasets.staging.recover), and
+hidden folders (its staging and old folders among them) are no datasets.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from tema.data import DataError, Dataset
 from tema.datasets.raw import RawFiles
 from tema.datasets.registry import FORMATS, reader, reader_file
 from tema.datasets.spec import SPEC_FILE, Domain, Spec, check_name, load_spec
+from tema.datasets.staging import is_hidden, recover
 
 __all__ = ["FORMATS", "Domain", "Spec", "known", "raw_root", "read_raw", "reader_path", "spec"]
 
@@ -23,15 +27,17 @@ def raw_root() -> Path:
 
 
 def known(root: Path | None = None) -> list[str]:
-    """The datasets under data/raw/ (folders holding a dataset.yaml), sorted."""
+    """The datasets under data/raw/ (folders holding a dataset.yaml, hidden ones aside), sorted."""
     root = raw_root() if root is None else root
-    return sorted(p.parent.name for p in root.glob(f"*/{SPEC_FILE}"))
+    recover(root)
+    return sorted(p.parent.name for p in root.glob(f"*/{SPEC_FILE}") if not is_hidden(p.parent))
 
 
 def spec(name: str, root: Path | None = None) -> Spec:
     """A dataset's dataset.yaml, checked (nothing else is read)."""
     root = raw_root() if root is None else root
     check_name(name, "dataset")
+    recover(root)
     if not (root / name / SPEC_FILE).is_file():
         raise DataError(f"unknown dataset {name!r}: {root.name}/{name}/{SPEC_FILE} not found; datasets: {known(root)}. "
                         "To add one: `tema dataset add <name> <folder>` (README, 'Your own data')")

@@ -31,6 +31,10 @@ from tema.datasets.spec import Spec
 RULES = ("leave-one-out", "time", "given")
 SPLITS = ("train", "valid", "test")
 MIN_INTERACTIONS = 3  # leave-one-out: one item to train on (as a history), one to validate, one to test
+# Each valid/test target is ranked among evaluate.n_candidates (>= 1) distinct items of its domain other than itself
+# (tema.protocols.sample_candidates; prepare.check_candidates refuses n_candidates >= a domain's item count), so a
+# domain needs at least 2 items for any setting, and more than n_candidates (999 by default) for the one in use.
+MIN_DOMAIN_ITEMS = 2
 
 
 # -- the description -----------------------------------------------------------------------------------------
@@ -136,9 +140,11 @@ def read_items(spec: Spec, raw: RawFiles) -> tuple[pd.DataFrame, dict[str, int]]
                             "items.allow_missing_text: true in dataset.yaml (such items then get a zero text vector)")
         rows[value_to_key[r["domain"]]].append((item, title, body, r.get("image", ""), where))
     for key in DOMAINS:
-        if not rows[key]:
-            raise DataError(f"{spec.where('items.file')}: no item of domain {key} ({spec.domains[key].value!r}); "
-                            "expected items of both domains")
+        if len(rows[key]) < MIN_DOMAIN_ITEMS:
+            count = f"{len(rows[key])} item{'s' * (len(rows[key]) != 1)}" if rows[key] else "no item"
+            raise DataError(f"{spec.where('items.file')}: domain {key} ({spec.domains[key].value!r}) has {count}; expected at "
+                            f"least {MIN_DOMAIN_ITEMS} items in each domain (evaluation ranks each target among "
+                            "evaluate.n_candidates >= 1 other items of its domain; the default 999 needs 1000)")
     table = [(key, local, *row) for key in DOMAINS for local, row in enumerate(rows[key])]
     items = pd.DataFrame({
         "item_id": np.arange(len(table)), "domain": [t[0] for t in table], "local_id": [t[1] for t in table],

@@ -11,17 +11,22 @@ without reading any of them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tema import config
 from tema.data import DOMAINS, DataError
+from tema.datasets.registry import FORMATS
 
 SPEC_FILE = "dataset.yaml"
 CHECKSUMS_FILE = "SHA256SUMS"
 NAME_CHARS = "letters, digits, '-' and '_'"
+# the top-level keys of dataset.yaml: those of every dataset, and those of a reader's own (the generic format's files,
+# columns and split rule, tema.datasets.generic); any other key is refused (docs/datasets.md)
+COMMON_KEYS = ("format", "description", "domains", "source")
+READER_KEYS = {"generic": ("items", "interactions", "sequences", "split")}
 
 
 @dataclass(frozen=True)
@@ -83,15 +88,19 @@ def load_spec(raw_dir: Path, name: str | None = None) -> Spec:
     if not path.is_file():
         raise DataError(f"{path}: not found; every dataset folder holds a dataset.yaml (docs/datasets.md), "
                         f"`tema dataset add {name} ...` writes one")
-    try:
-        body = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: expected YAML, could not parse it ({err})".replace("\n", " ")) from None
+    text = _read_text(path)
+    body = config.read_yaml(path, DataError, text)  # a key given twice: refused, as DVC refuses it
     if not isinstance(body, dict):
         raise DataError(f"{path}: expected a mapping (format, domains, ...), got {body!r}")
     fmt = body.get("format")
     if not isinstance(fmt, str) or not fmt:
         raise DataError(f"{path}: format: expected the reader's name ('generic' for the CSV/TSV format of docs/datasets.md), got {fmt!r}")
+    if fmt in FORMATS:  # an unknown reader is said by the registry, when the dataset is read
+        known = [*COMMON_KEYS, *READER_KEYS.get(fmt, ())]
+        for key in body:
+            if key not in known:
+                raise DataError(f"{path}{_line_of(text, key)}: unknown key {key!r}; expected one of {known} "
+                                f"(format {fmt!r}, docs/datasets.md)")
     description = body.get("description", "")
     if not isinstance(description, str):
         raise DataError(f"{path}: description: expected one line of text, got {description!r}")
@@ -103,6 +112,19 @@ def load_spec(raw_dir: Path, name: str | None = None) -> Spec:
     if domains["A"].value == domains["B"].value:
         raise DataError(f"{path}: domains.B.id: expected a value other than domain A's ({domains['A'].value!r})")
     return Spec(name=name, format=fmt, description=description.strip(), domains=domains, path=path, body=body)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: expected YAML in UTF-8, undecodable bytes at byte {err.start}") from None
+
+
+def _line_of(text: str, key: Any) -> str:
+    """':<line>' of a top-level key in the YAML text, '' where it cannot be told."""
+    pattern = re.compile(rf"^['\"]?{re.escape(str(key))}['\"]?\s*:")
+    return next((f":{n}" for n, line in enumerate(text.splitlines(), 1) if pattern.match(line)), "")
 
 
 def _domain(path: Path, key: str, entry: Any) -> Domain:
