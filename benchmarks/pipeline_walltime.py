@@ -16,6 +16,7 @@ missing, so the cost of a profile that takes hours can be read off the runs alre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -52,6 +53,11 @@ def main() -> None:
         if not args.in_place:
             fresh_copy(repo)
         subprocess.run(["tema", "profile", args.profile], cwd=repo, env=env, check=True, capture_output=True)
+        from tema import config, profiles
+
+        with contextlib.chdir(repo):  # a test-scale profile (smoke) runs in its own workspace, build/<name>/
+            workspace = profiles.workspace_of(args.profile) if config.repo_root() == repo else None
+        repo = workspace or repo
         start = time.perf_counter()
         stages: list[tuple[str, float]] = []
         proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -32,6 +32,7 @@ no longer validates is an error naming it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -81,9 +82,10 @@ def layers(name: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def merged(name: str) -> dict[str, Any]:
-    """The layers of a profile merged, before the derived keys are filled in."""
+    """The layers of a profile merged, before the derived keys are filled in (without `workspace`: see workspace_of)."""
     out: dict[str, Any] = {}
     for _, body in layers(name):
+        body = {k: v for k, v in body.items() if k != "workspace"}
         if {"datasets", "models"} & set(body):  # the tables and pages of other datasets or models: not inherited
             out = {k: v for k, v in out.items() if k not in TABLE_KEYS}
         for key in TABLE_KEYS & set(body):  # a profile's tables and pages are its own, not merged with the base's
@@ -252,6 +254,94 @@ def overlay(params: dict[str, Any], overrides: dict[str, Any], name: str, since:
     return out
 
 
+# -- workspaces ----------------------------------------------------------------------------------------
+# A test-scale profile (smoke, and every profile that extends it) names a `workspace`: a folder of its own where
+# `tema profile` writes its params.yaml and where `dvc repro` writes its runs, reports, stage reports and dvc.lock.
+# The repository's params.yaml, dvc.lock, reports/ and data/ are never touched by it.
+
+WORKSPACE_MARK = ".tema-workspace"  # in a workspace's root: `tema profile` there writes its own params.yaml
+# what a workspace holds of the repository: the code and pipeline (mirrored on every `tema profile`) and the inputs
+# (raw data, committed tags and answer cache, the committed searches the report stage reads), copied, never linked,
+# so that nothing a workspace run writes can reach a committed file
+MIRRORED = ("dvc.yaml", ".dvcignore", "tema", "notebooks", "profiles", "vendor", "examples", "data/raw", "data/tags",
+            "data/tags-cache", "reports/tuning")
+EXACT = ("tema", "notebooks", "vendor")  # mirrored exactly: a file removed from the repository goes from the workspace
+SKIPPED = ("__pycache__", ".ipynb_checkpoints")
+
+
+def workspace_of(name: str) -> Path | None:
+    """The workspace a profile names (its own `workspace` or the nearest of the profiles it extends), or None.
+
+    A relative folder inside the repository, git-ignored (build/...): a ParamsError names the profile otherwise."""
+    found = None
+    for layer, body in layers(name):
+        if "workspace" in body:
+            found = (layer, body["workspace"])
+    if found is None:
+        return None
+    layer, value = found
+    root = config.repo_root()
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or not value.startswith("build/") \
+            or ".." in Path(value).parts:
+        raise config.ParamsError(f"profiles/{layer}.yaml: 'workspace' must be a folder under build/ (git-ignored), "
+                                 f"relative to the repository, got {value!r}")
+    return root / value
+
+
+def in_workspace() -> bool:
+    return (config.repo_root() / WORKSPACE_MARK).is_file()
+
+
+def _files(src: Path):
+    if src.is_file():
+        yield src
+        return
+    for path in sorted(src.rglob("*")):
+        if path.is_file() and not set(path.relative_to(src).parts) & set(SKIPPED) and not path.name.endswith(".lock"):
+            yield path
+
+
+def sync_workspace(workspace: Path) -> Path:
+    """Create or refresh a workspace: a copy of what MIRRORED names, a DVC project of its own (no git: its dvc.lock
+    stays in it), and the mark that makes `tema profile` write there. Files are copied where their bytes differ."""
+    import filecmp
+    import shutil
+
+    root = config.repo_root()
+    workspace.mkdir(parents=True, exist_ok=True)
+    for rel in MIRRORED:
+        src = root / rel
+        if not src.exists():
+            continue
+        if src.is_dir():  # an empty one too (reports/tuning/, which the report stage depends on, may be empty)
+            (workspace / rel).mkdir(parents=True, exist_ok=True)
+        wanted = set()
+        for path in _files(src):
+            dst = workspace / path.relative_to(root)
+            wanted.add(dst)
+            if dst.is_file() and filecmp.cmp(path, dst, shallow=False):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst)
+        if rel in EXACT and (workspace / rel).is_dir():
+            for extra in _files(workspace / rel):
+                if extra not in wanted:
+                    extra.unlink()
+    dvc_dir = workspace / ".dvc"
+    dvc_dir.mkdir(exist_ok=True)
+    text = (root / ".dvc" / "config").read_text(encoding="utf-8") if (root / ".dvc" / "config").is_file() else "[core]\n"
+    text = text.replace("autostage = true", "autostage = false")
+    if "no_scm" not in text:
+        text = text.replace("[core]\n", "[core]\n    no_scm = true\n", 1)
+    if not (dvc_dir / "config").is_file() or (dvc_dir / "config").read_text(encoding="utf-8") != text:
+        atomic.write_text(dvc_dir / "config", text)
+    (dvc_dir / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
+    if not (workspace / "params.yaml").is_file():  # what makes it a repository root (config.repo_root) until written
+        (workspace / "params.yaml").write_text("{}\n")
+    (workspace / WORKSPACE_MARK).write_text("A workspace of tema profiles (tema.profiles.sync_workspace); delete it at will.\n")
+    return workspace
+
+
 @dataclass
 class Written:
     """What `tema profile` did: the file it wrote, the edits of params.yaml it kept over the profile (dotted key ->
@@ -261,13 +351,19 @@ class Written:
     profile: str
     kept: dict[str, Any] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    workspace: Path | None = None  # where the profile runs, when it names a workspace
 
     def lines(self) -> list[str]:
         out = [f"kept {key}={show(value)} from params.yaml (set by hand or dvc exp run -S); --reset drops it"
                for key, value in self.kept.items()]
         out += [f"dropped the edit of {key} in params.yaml: `tema profile` derives it (a profile may name its tables and "
                 f"pages: profiles/{self.profile}.yaml)" for key in self.dropped]
-        return [*out, f"wrote {self.path}"]
+        out.append(f"wrote {self.path}")
+        if self.workspace is not None:
+            rel = self.workspace.relative_to(config.repo_root())
+            out.append(f"profile {self.profile} runs in its own workspace, {rel}/ (the repository's params.yaml, dvc.lock, "
+                       f"reports/ and data/ stay as they are); run it with: cd {rel} && dvc repro")
+        return out
 
 
 def apply_profile(name: str, reset: bool = False) -> Written:
@@ -277,7 +373,25 @@ def apply_profile(name: str, reset: bool = False) -> Written:
     The edits are the values of params.yaml that differ from what was last written there (the record's `written`);
     with the overrides kept then, they are laid over the profile's merged layers, before the derived keys are filled
     in. An override equal to the profile's value is no override. Without overrides, params.yaml holds the profile
-    alone, byte for byte as before overrides existed; writing the same profile twice writes the same bytes."""
+    alone, byte for byte as before overrides existed; writing the same profile twice writes the same bytes.
+
+    A profile that names a workspace (workspace_of) is written there instead, after the workspace is refreshed
+    (sync_workspace), unless this is that workspace already."""
+    workspace = workspace_of(name)
+    if workspace is not None and not in_workspace():
+        schema.validate(derive(merged(name)))  # the profile's mistakes before anything is copied
+        sync_workspace(workspace)
+        with contextlib.chdir(workspace):
+            if config.repo_root() != workspace:
+                raise config.ParamsError(f"{workspace}: not a workspace (expected dvc.yaml and params.yaml in it)")
+            written = write_profile(name, reset)
+        written.workspace = workspace
+        return written
+    return write_profile(name, reset)
+
+
+def write_profile(name: str, reset: bool = False) -> Written:
+    """apply_profile's work in the repository (or workspace) at hand."""
     base = merged(name)
     pure = derive(base)
     schema.validate(pure)  # the profile's own mistakes first, named as such

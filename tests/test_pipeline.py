@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +31,47 @@ def report_files(repo: Path) -> dict[str, bytes]:
     return {str(p.relative_to(repo)): p.read_bytes() for p in sorted((repo / "reports").rglob("*")) if p.is_file()}
 
 
+def tree(repo: Path) -> dict[str, bytes]:
+    """Every file of a clone outside build/ (where the test-scale profiles' workspaces are) and .git/."""
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
+            if p.is_file() and p.relative_to(repo).parts[0] not in ("build", ".git", ".dvc")}
+
+
 @pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory, root) -> Path:
-    """A copy of the working tree (what a fresh clone holds) with the smoke profile reproduced."""
+def clone(tmp_path_factory, root) -> tuple[Path, dict[str, bytes]]:
+    """A copy of the working tree with its committed reports and dvc.lock, and its files before anything ran."""
     repo = tmp_path_factory.mktemp("clone")
-    copy_worktree(root, repo)
-    sh("tema", "profile", "smoke", cwd=repo)
-    sh("dvc", "repro", cwd=repo)
-    return repo
+    copy_worktree(root, repo, skip=())
+    shutil.copy2(root / "dvc.lock", repo / "dvc.lock")
+    return repo, tree(repo)
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(clone) -> Path:
+    """The smoke profile reproduced, as the README says: `tema profile smoke`, then `dvc repro` in its workspace."""
+    repo, _ = clone
+    out = sh("tema", "profile", "smoke", cwd=repo)
+    assert "cd build/smoke && dvc repro" in out
+    sh("dvc", "repro", cwd=repo / "build" / "smoke")
+    return repo / "build" / "smoke"
+
+
+@pytest.mark.slow
+def test_test_scale_profiles_write_nothing_of_the_repository(clone, smoke_repo):
+    """The smoke run, and a profile for a new dataset that extends smoke, run in build/smoke/: the clone's params.yaml,
+    dvc.lock, committed reports, tags, answer cache and raw data are byte for byte as before, and the default profile
+    has nothing to re-run that it had up to date."""
+    repo, before = clone
+    assert (smoke_repo / "reports" / "index.html").is_file() and (smoke_repo / "dvc.lock").is_file()
+    (repo / "profiles" / "mine-smoke.yaml").write_text("extends: smoke\ntrain: {max_epochs: 1}\n")
+    out = sh("tema", "profile", "mine-smoke", cwd=repo)
+    assert "build/smoke" in out
+    assert "max_epochs: 1" in (smoke_repo / "params.yaml").read_text()
+    (repo / "profiles" / "mine-smoke.yaml").unlink()
+    assert tree(repo) == before
+    sh("tema", "profile", "default", cwd=repo)  # the default profile as committed: written again, byte for byte
+    assert tree(repo) == before
+    assert sh("tema", "profile", "smoke", cwd=repo)  # the workspace's params.yaml back to smoke for the other tests
 
 
 @pytest.mark.slow
@@ -125,6 +159,24 @@ def test_dvc_metrics_and_plots_show_headline_numbers_and_offline_curves(smoke_re
     for table in ("food-kitchen", "food-kitchen-ablations", "art-office"):
         assert f"reports/curves/{table}.csv" in page
     assert '"field": "model"' in page or '"field":"model"' in page  # a line per model
+
+
+@pytest.mark.slow
+def test_a_failed_prepare_keeps_the_prepared_data(smoke_repo):
+    """DVC deletes a stage's outputs before running it; a prepare that fails must still leave data/prepared/<d>."""
+    params = (smoke_repo / "params.yaml").read_text()
+    prepared = {p: p.read_bytes() for p in sorted((smoke_repo / "data/prepared/food-kitchen").rglob("*")) if p.is_file()}
+    assert prepared
+    (smoke_repo / "params.yaml").write_text(params.replace("n_candidates: 999", "n_candidates: 999999"))
+    try:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TEMA_PROGRESS": "0"}
+        failed = subprocess.run(["dvc", "repro", "--single-item", "prepare@food-kitchen"], cwd=smoke_repo, env=env,
+                                capture_output=True, text=True)
+        assert failed.returncode != 0 and "n_candidates" in failed.stdout + failed.stderr
+        assert {p: p.read_bytes() for p in sorted((smoke_repo / "data/prepared/food-kitchen").rglob("*")) if p.is_file()} == prepared
+    finally:
+        (smoke_repo / "params.yaml").write_text(params)
+    assert "prepare@food-kitchen" not in sh("dvc", "status", cwd=smoke_repo)
 
 
 @pytest.mark.slow

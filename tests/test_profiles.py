@@ -3,6 +3,7 @@ is written rather than hours later: unknown datasets, the evaluation reference, 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -17,6 +18,10 @@ from tema import cli, config, profiles, schema
 def repo(tmp_path, monkeypatch):
     """The profiles and the benchmarks' descriptions, plus 'mine' (generic, titles, no tag source) and 'bare' (no text)."""
     shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    # smoke serves these tests as a second profile written in place; its workspace has tests of its own
+    # (test_a_test_scale_profile_is_written_into_its_workspace, tests/test_pipeline.py)
+    smoke = tmp_path / "profiles" / "smoke.yaml"
+    smoke.write_text("".join(line for line in smoke.read_text().splitlines(keepends=True) if not line.startswith("workspace:")))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "params.yaml").write_text("{}\n")
     describe_datasets(tmp_path)
@@ -97,6 +102,38 @@ def test_tema_profile_writes_params_yaml_whole_or_not_at_all(repo, monkeypatch, 
     assert sorted(p.name for p in repo.iterdir() if ".tmp" in p.name) == []
     written = profiles.apply_profile("smoke")  # the hand edit is still there to keep
     assert written.kept == {"train.max_epochs": 3}
+
+
+def test_a_test_scale_profile_is_written_into_its_workspace(repo, capsys):
+    shutil.copy2(ROOT / "profiles" / "smoke.yaml", repo / "profiles" / "smoke.yaml")  # with its workspace
+    (repo / "profiles" / "mine-smoke.yaml").write_text("extends: smoke\ndatasets: [mine]\nmodels: [popularity]\n")
+    (repo / "tema").mkdir()
+    (repo / "tema" / "code.py").write_text("x = 1\n")
+    assert cli.main(["profile", "default"]) == 0
+    before = {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["profile", "mine-smoke"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    workspace = repo / "build" / "smoke"
+    assert out == [f"wrote {workspace / 'params.yaml'}",
+                   "profile mine-smoke runs in its own workspace, build/smoke/ (the repository's params.yaml, dvc.lock, "
+                   "reports/ and data/ stay as they are); run it with: cd build/smoke && dvc repro"]
+    assert {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file() and "build" not in p.parts} == before
+    assert config.load_params(workspace / "params.yaml") == profiles.profile_params("mine-smoke")
+    assert (workspace / "data/raw/mine/dataset.yaml").read_bytes() == (repo / "data/raw/mine/dataset.yaml").read_bytes()
+    assert "no_scm = true" in (workspace / ".dvc" / "config").read_text()
+    (repo / "tema" / "code.py").write_text("x = 2\n")  # a code edit reaches the workspace with the next tema profile
+    (repo / "tema" / "gone.py").write_text("")
+    assert cli.main(["profile", "smoke"]) == 0
+    (repo / "tema" / "gone.py").unlink()
+    assert cli.main(["profile", "smoke"]) == 0
+    assert (workspace / "tema" / "code.py").read_text() == "x = 2\n" and not (workspace / "tema" / "gone.py").exists()
+    with contextlib.chdir(workspace):  # inside the workspace, tema profile writes the workspace's params.yaml
+        assert cli.main(["profile", "mine-smoke"]) == 0
+    assert config.load_params(workspace / "params.yaml")["datasets"] == ["mine"]
+    (repo / "profiles" / "outside.yaml").write_text("extends: default\nworkspace: ../elsewhere\n")
+    assert cli.main(["profile", "outside"]) == 2
+    assert "profiles/outside.yaml: 'workspace' must be a folder under build/" in capsys.readouterr().err
 
 
 def test_runs_are_the_models_each_dataset_is_compared_on(repo):
