@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tema import config
+from tema import atomic, config
 
 # Packaged GGUF models that work offline (docs/tagging.md, "The embedded server"): raw byte chunks in PyPI
 # packages, concatenated in order into one file and checked against the model's published sha256.
@@ -52,6 +52,58 @@ EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
 
 class LLMError(RuntimeError):
     """The LLM endpoint or the embedded model cannot be used."""
+
+
+# ---------------------------------------------------------------- the API key is never said
+
+PLACEHOLDER_KEY = "not-needed"  # the key sent where OPENAI_API_KEY is unset (the embedded server takes any)
+MIN_SECRET_CHARS = 8  # a shorter "key" is a placeholder ("EMPTY", "test"), not a secret
+MIN_FRAGMENT_CHARS = 4  # any piece of a key this long or longer is removed from what is said or written
+REDACTED = "***"
+
+
+def secrets(*keys: str | None) -> list[str]:
+    """The keys to keep out of every message: those given (a client's api_key) and OPENAI_API_KEY, placeholders left out."""
+    found = []
+    for key in (*keys, os.environ.get("OPENAI_API_KEY")):
+        if isinstance(key, str) and len(key) >= MIN_SECRET_CHARS and key != PLACEHOLDER_KEY and key not in found:
+            found.append(key)
+    return found
+
+
+def redact(text: str, *keys: str | None) -> str:
+    """`text` with every piece of an API key (`keys`, and OPENAI_API_KEY) of MIN_FRAGMENT_CHARS or more characters
+    replaced by '***': a message cut inside the key (an 80-character snippet of a body that echoed it) keeps none of it.
+
+    Linear in the text for a given key: a start is tried only where the text's next MIN_FRAGMENT_CHARS characters are
+    a piece of the key, and each such piece is grown to its longest."""
+    if not text:
+        return text
+    hidden = bytearray(len(text))
+    for key in secrets(*keys):
+        pieces = {key[i:i + MIN_FRAGMENT_CHARS] for i in range(len(key) - MIN_FRAGMENT_CHARS + 1)}
+        for start in range(len(text) - MIN_FRAGMENT_CHARS + 1):
+            if text[start:start + MIN_FRAGMENT_CHARS] not in pieces:
+                continue
+            end = start + MIN_FRAGMENT_CHARS
+            while end < len(text) and end - start < len(key) and text[start:end + 1] in key:
+                end += 1
+            hidden[start:end] = b"\x01" * (end - start)
+    if not any(hidden):
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if hidden[i]:
+            while i < len(text) and hidden[i]:
+                i += 1
+            out.append(REDACTED)
+        else:
+            j = i
+            while j < len(text) and not hidden[j]:
+                j += 1
+            out.append(text[i:j])
+            i = j
+    return "".join(out)
 
 
 def cache_dir() -> Path:
@@ -94,7 +146,7 @@ def assemble_model(name: str) -> Path:
         if digest != spec["sha256"]:
             raise LLMError(f"{tmp}: assembled model has sha256 {digest}, expected {spec['sha256']}")
         os.replace(tmp, target)
-        verified.write_text(spec["sha256"] + "\n")
+        atomic.write_text(verified, spec["sha256"] + "\n")
     finally:
         tmp.unlink(missing_ok=True)
     return target
@@ -166,7 +218,7 @@ class Endpoint:
         """An openai client; the key comes only from OPENAI_API_KEY (a placeholder for the local server)."""
         from openai import OpenAI  # only where an endpoint is used: openai takes about a second to import
 
-        return OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+        return OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_KEY,
                       timeout=timeout, max_retries=max_retries)
 
 

@@ -3,38 +3,48 @@
 Every answer is cached under a key of (endpoint model, model file sha256, prompt hash, generation
 settings, item text hash): the prompt hash covers the domain's whole prompt except the item, so
 editing one domain's prompt invalidates exactly that domain's answers. The cache is an append-only
-JSON-lines file, written one finished line at a time and fsynced, so a run killed at any moment
-(SIGKILL included) loses at most the answers in flight and never corrupts what was written: a torn
-last line is ignored on load and cut off before the next append (and said so on stderr). One run at a
-time writes to a cache: it holds an exclusive lock on the sidecar file <cache>.lock.
+JSON-lines file, written one whole line at a time (one write on an O_APPEND descriptor, cut back if it
+fails or falls short, then fsynced), so a run killed at any moment (SIGKILL included) loses at most the
+answers in flight, and a full disk loses none of what was written: the run stops with CacheWriteError,
+one line naming the file. A torn last line is ignored on load and cut off before the next append (a
+complete last record that only lacks its newline gets it and is kept); records that are not what
+TagCache writes are skipped, counted and said on stderr, and their items asked again. One run at a time
+writes to a cache: it holds an exclusive lock on the sidecar file <cache>.lock.
 
 Only what an item's answer says is cached as a failure (bad JSON, no usable tag, a 400 for its
 prompt); a fault of the endpoint (unreachable, timeouts, 429/5xx, bodies that are not chat
 completions) is retried, never cached, and when the requests keep failing that way the run stops
-with an EndpointError instead of recording every item as failed.
+with an EndpointError instead of recording every item as failed. SIGTERM (and Ctrl-C) stops a run
+within STOP_GRACE_S whatever the endpoint does: no request is retried or started after it, and the
+requests still in flight then are abandoned. No message says any piece of the API key (llm.redact).
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import queue
 import random
 import re
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from tema.llm import LLMError
+from tema.atomic import WriteError, describe_os_error
+from tema.llm import LLMError, redact
 
 PROMPT_VERSION = "pass1-v2"
 
@@ -74,6 +84,12 @@ MAX_TAG_CHARS = 40
 MAX_TAG_WORDS = 4
 MAX_STORED_CHARS = 2000  # of an answer's text kept in its cache record (the tags are parsed from the whole answer)
 MAX_DETAIL_CHARS = 300  # of a failure's detail, in its cache record and its messages
+MAX_ANSWER_CHARS = 1_000_000  # of an answer parsed at all: a longer one ignored max_tokens (a bad_response)
+
+
+def max_examined(k: int) -> int:
+    """How many of an answer's tags parse_tags looks at before it stops: room for bad and duplicate ones beside k."""
+    return max(50, 10 * k)
 
 
 def instruction(domain: str | DomainPrompt, k: int) -> str:
@@ -152,34 +168,42 @@ def parse_tags(content: str | None, finish_reason: str | None, k: int, allowed: 
     """The validated, normalised, de-duplicated tags of one answer (at most k, at least one).
 
     With `allowed` (pass 2 over a vocabulary), tags outside it are dropped. The "list" form (ANSWER_FORMS) is split
-    at commas, semicolons and line breaks.
+    at commas, semicolons and line breaks. Linear in the answer and bounded: an answer over MAX_ANSWER_CHARS is a
+    bad_response (the endpoint ignored max_tokens), and at most max_examined(k) tags are looked at.
     """
+    if content is not None and len(content) > MAX_ANSWER_CHARS:
+        raise AnswerError("bad_response", f"an answer of {len(content):,} characters, over the {MAX_ANSWER_CHARS:,} "
+                                          "any max_tokens allows")
     if finish_reason == "length":
         raise AnswerError("truncated", (content or "")[-80:])
     if not content or not content.strip():
         raise AnswerError("empty")
     if form == "list":
-        tags = [t for t in re.split(r"[,;\n]", content) if t.strip()]
+        tags: Any = (m.group() for m in re.finditer(r"[^,;\n]+", content) if m.group().strip())
     else:
         try:
             value = json.loads(content)
         except json.JSONDecodeError as err:
             raise AnswerError("malformed_json", str(err)) from err
         tags = value.get("tags") if isinstance(value, dict) else value if isinstance(value, list) else None
-    if not isinstance(tags, list):
-        raise AnswerError("no_tag_list", content[:80])
+        if not isinstance(tags, list):
+            raise AnswerError("no_tag_list", content[:80])
     out: list[str] = []
-    for tag in tags:
+    seen: set[str] = set()
+    for tag in itertools.islice(tags, max_examined(k)):
         if not isinstance(tag, str):
             continue
         tag = normalize_tag(tag)
         if allowed is not None and tag not in allowed:
             continue
-        if tag and len(tag) <= MAX_TAG_CHARS and len(tag.split()) <= MAX_TAG_WORDS and tag not in out:
+        if tag and len(tag) <= MAX_TAG_CHARS and len(tag.split()) <= MAX_TAG_WORDS and tag not in seen:
+            seen.add(tag)
             out.append(tag)
+            if len(out) == k:
+                break
     if not out:
         raise AnswerError("no_valid_tag", content[:80])
-    return out[:k]
+    return out
 
 
 @dataclass(frozen=True)
@@ -214,6 +238,153 @@ def cache_key(model: str, model_sha256: str | None, domain: str | DomainPrompt, 
 
 class CacheBusyError(RuntimeError):
     """Another process is writing to the same answer cache."""
+
+
+class CacheWriteError(WriteError, CacheBusyError):
+    """An answer could not be appended to the cache (a full disk...): the file is as it was before that append.
+
+    One line naming the cache file. A CacheBusyError too, only so that the `tema` command, whose USER_ERRORS name
+    CacheBusyError (tema/cli.py), says it in that one line instead of a traceback; a WriteError (tema.atomic) for all
+    else."""
+
+
+OK, FAILED = "ok", "failed"
+INT_FIELDS = ("item_id", "attempts", "tokens_in", "tokens_out")  # optional fields of a record, by type
+TEXT_FIELDS = ("model", "raw", "reason", "detail", "domain")
+
+
+def record_problem(record: Any) -> str | None:
+    """What makes `record` other than what TagCache.put is given, or None for a record that may be served.
+
+    Every record: a JSON object with a non-empty string `key` and a `status` of "ok" or "failed". An "ok" record
+    carries its answer: `tags`, a non-empty list of non-empty strings (pass 1 and 2), or `answer`, an object (the
+    refinement). A "failed" one names its `reason`. The optional fields, where present, have the types written:
+    item_id, attempts, tokens_in, tokens_out integers >= 0; seconds a number >= 0; model, raw, reason, detail, domain
+    strings."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("key"), str) or not record["key"]:
+        return "no key"
+    status = record.get("status")
+    if status == OK:
+        tags, answer = record.get("tags"), record.get("answer")
+        if tags is None and answer is None:
+            return "an ok record without tags"
+        if tags is not None and not (isinstance(tags, list) and tags and all(isinstance(t, str) and t for t in tags)):
+            return "tags that are not a list of strings"
+        if answer is not None and not isinstance(answer, dict):
+            return "an answer that is not an object"
+    elif status == FAILED:
+        if not isinstance(record.get("reason"), str) or not record["reason"]:
+            return "a failed record without a reason"
+    else:
+        return f"status {status!r}"
+    for name in INT_FIELDS:
+        value = record.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{name} that is not an integer >= 0"
+    seconds = record.get("seconds", 0.0)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < float("inf"):
+        return "seconds that are not a number >= 0"
+    for name in TEXT_FIELDS:
+        if not isinstance(record.get(name, ""), str):
+            return f"{name} that is not a string"
+    return None
+
+
+def parse_record(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None) for a line that holds a valid record (record_problem), else (None, what is wrong with it)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None, "not JSON"
+    problem = record_problem(record)
+    return (None, problem) if problem else (record, None)
+
+
+@dataclass
+class CacheScan:
+    """What a cache file holds: its valid records by key (the last of a key wins), the lines skipped (with the number
+    and fault of the first), and its unterminated last line, if any."""
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bad_lines: int = 0
+    first_bad: tuple[int, str] | None = None  # (line number from 1, what is wrong)
+    tail: bytes = b""  # the bytes after the last newline
+    tail_record: dict[str, Any] | None = None  # the tail, when it is a whole valid record (only its newline missing)
+
+
+def scan_cache(data: bytes) -> CacheScan:
+    """Read the bytes of a cache file without touching the file: each line checked (parse_record)."""
+    scan = CacheScan()
+    lines = data.split(b"\n")
+    scan.tail = lines.pop()  # b"" when the file ends with a newline
+    for number, line in enumerate(lines, 1):
+        record, problem = parse_record(line)
+        if record is None:
+            scan.bad_lines += 1  # skipped, never cut out: later lines are good answers
+            scan.first_bad = scan.first_bad or (number, problem or "")
+        else:
+            scan.entries[record["key"]] = record
+    if scan.tail:
+        scan.tail_record, _ = parse_record(scan.tail)
+        if scan.tail_record is not None:
+            scan.entries[scan.tail_record["key"]] = scan.tail_record
+    return scan
+
+
+def read_all(fd: int) -> bytes:
+    """The whole file open at `fd`, from its start."""
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 24, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def last_line_start(fd: int, size: int) -> int:
+    """The offset just after the last newline of the file's first `size` bytes (0 if none), read from the end."""
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        block = os.pread(fd, end - start, start)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
+
+
+def mend_tail(fd: int) -> tuple[int, str]:
+    """Make the next append to the file (open at `fd`, locked) start on a line of its own; returns (the file's size
+    after, what was done: "" nothing, "kept" a whole last record that lacked its newline, which gets it, "cut" a torn
+    last line, removed)."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size, ""
+    start = last_line_start(fd, size)
+    record, _ = parse_record(os.pread(fd, size - start, start))
+    if record is not None:
+        append_whole(fd, b"\n", size)
+        return size + 1, "kept"
+    os.ftruncate(fd, start)
+    return start, "cut"
+
+
+def append_whole(fd: int, data: bytes, size: int) -> None:
+    """Append `data` to the file at `fd` (O_APPEND, `size` bytes long, locked) in one write, and fsync it; if the write
+    fails or falls short, the file is cut back to `size`, so no piece of `data` stays, and OSError is raised."""
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written, the disk is probably full")
+        os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass  # the next load or append finds the torn line and cuts it
+        raise
 
 
 _HELD: dict[str, list[int]] = {}  # lock file -> [its descriptor, how many TagCache objects of this process hold it]
@@ -270,53 +441,96 @@ class TagCache:
     def __init__(self, path: Path, lock: bool = True):
         self.path = path
         self.entries: dict[str, dict[str, Any]] = {}
-        self.torn_lines = 0
-        self.bad_lines = 0
+        self.torn_lines = 0  # a torn last line, cut
+        self.kept_lines = 0  # a whole last record without its newline, kept (and the newline added)
+        self.bad_lines = 0  # lines that are not a valid record (record_problem): skipped, their items asked again
+        self.first_bad: tuple[int, str] | None = None  # (line number, what is wrong) of the first of them
         self._lock = threading.Lock()
+        self._closed = False
+        self._tail_cut = False
         path.parent.mkdir(parents=True, exist_ok=True)
         self._run_lock = acquire_run_lock(path) if lock else None
         if path.is_file():
             self._load()
 
     def _load(self) -> None:
-        with open(self.path, "r+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # another process may be appending
-            data = f.read()
-            lines = data.split(b"\n")
-            tail = lines.pop()  # b"" when the file ends with a newline, else a torn append
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                    self.entries[record["key"]] = record
-                except (ValueError, KeyError, TypeError):
-                    self.bad_lines += 1  # skipped, never truncated: later lines are good answers
-            if tail:
-                self.torn_lines += 1
-                f.truncate(len(data) - len(tail))  # cut the torn tail so the next append starts clean
-        said = ([f"skipped {self.bad_lines} unreadable line(s)"] if self.bad_lines else []) + \
-               ([f"cut {self.torn_lines} torn last line"] if self.torn_lines else [])
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another process may be appending
+            scan = scan_cache(read_all(fd))
+            if scan.tail:
+                self._mend(scan)
+        finally:
+            os.close(fd)  # releases the flock
+        self.entries, self.bad_lines, self.first_bad = scan.entries, scan.bad_lines, scan.first_bad
+        said = []
+        if self.bad_lines:
+            line, problem = self.first_bad or (0, "")
+            said.append(f"skipped {self.bad_lines} malformed line(s), the first at line {line} ({problem}),")
+        if self.torn_lines:
+            said.append(f"{'cut' if self._tail_cut else 'ignored'} {self.torn_lines} torn last line")
         if said:
-            print(f"{self.path}: {' and '.join(said)}", file=sys.stderr)
+            print(f"{self.path}: {' and '.join(said).rstrip(',')}; their items are asked again", file=sys.stderr)
+
+    def _mend(self, scan: CacheScan) -> None:
+        """End the file's last line (see mend_tail) under the lock _load holds, so no appender (put) is halfway.
+
+        Where the file cannot be written (a full disk, a read-only checkout), the records read are served all the
+        same, and the next put mends the tail or says why it cannot."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        except OSError:
+            fd = -1
+        try:
+            _, done = mend_tail(fd) if fd >= 0 else (0, "")
+        except OSError:
+            done = ""
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        self.kept_lines, self.torn_lines = int(scan.tail_record is not None), int(scan.tail_record is None)
+        self._tail_cut = done == "cut"
 
     def get(self, key: str) -> dict[str, Any] | None:
         record = self.entries.get(key)
-        return record if record and record.get("status") == "ok" else None
+        return record if record and record.get("status") == OK else None
 
     def put(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode()
+        """Append one record, whole and fsynced; raises CacheWriteError (the file as it was) when it cannot be written."""
+        try:
+            line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode()
+        except UnicodeEncodeError:  # a lone surrogate in some text: escaped, the line stays UTF-8
+            line = (json.dumps(record, sort_keys=True) + "\n").encode()
         with self._lock:
+            if self._closed:  # a request abandoned by a stopped run finishing late: the run is over
+                raise CacheBusyError(f"{self.path}: closed; the answer is not cached")
             if self._run_lock is None:
                 self._run_lock = acquire_run_lock(self.path)
-            with open(self.path, "ab") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)  # one whole line at a time, across processes too
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            except OSError as err:
+                raise self._write_error(err) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # one whole line at a time, across processes too
+                size, _ = mend_tail(fd)  # only if something tore a line since: the record starts on its own line
+                append_whole(fd, line, size)
+            except OSError as err:
+                raise self._write_error(err) from None
+            finally:
+                os.close(fd)
             self.entries[record["key"]] = record
 
+    def _write_error(self, err: OSError, what: str = "could not append an answer") -> CacheWriteError:
+        failure = CacheWriteError(f"{self.path}: {what} ({describe_os_error(err)}); the answers cached before are "
+                                  "kept, free some space and run the same command again to go on")
+        failure.errno = err.errno
+        return failure
+
     def close(self) -> None:
-        """Release this object's hold on the run lock (the lock goes when no object of this process holds it)."""
+        """Release this object's hold on the run lock (the lock goes when no object of this process holds it); the
+        cache takes no more records."""
         with self._lock:
+            self._closed = True
             if self._run_lock is not None:
                 release_run_lock(self._run_lock)
                 self._run_lock = None
@@ -357,11 +571,12 @@ class EndpointError(LLMError):
         self.url, self.reason = url, reason
 
 
-def snippet(body: Any) -> str:
-    """At most 80 characters of a response body, quoted, on one line."""
+def snippet(body: Any, secret: str | None = None) -> str:
+    """At most 80 characters of a response body, quoted, on one line, without any piece of the API key (llm.redact:
+    `secret` and OPENAI_API_KEY) that the cut left in it."""
     if isinstance(body, bytes):
         body = body.decode(errors="replace")
-    return repr((body if isinstance(body, str) else json.dumps(body, default=str))[:80])
+    return repr(redact((body if isinstance(body, str) else json.dumps(body, default=str))[:80], secret))
 
 
 def describe_error(err: Exception) -> tuple[str, str]:
@@ -384,6 +599,9 @@ def describe_error(err: Exception) -> tuple[str, str]:
         return "bad_response", f"the HTTP {err.status_code} body is not a chat completion: {snippet(err.response.text)}"
     if isinstance(err, json.JSONDecodeError):  # the client's, on a body sent as JSON that is not
         return "bad_response", f"the HTTP 200 body is not JSON: {snippet(err.doc)}"
+    if isinstance(err, UnicodeDecodeError):  # the client's, on a body that is not UTF-8: the endpoint's fault
+        where = f"byte {err.object[err.start:err.start + 1]!r} at {err.start}" if isinstance(err.object, bytes) else ""
+        return "bad_response", f"the HTTP 200 body is not UTF-8 ({where}): {snippet(err.object)}"
     return type(err).__name__, ""
 
 
@@ -425,7 +643,14 @@ def completion_parts(response: Any) -> tuple[str | None, str | None]:
     message = getattr(choices[0], "message", None)
     if message is None or not hasattr(message, "content"):
         raise AnswerError("bad_response", "a chat completion whose choice has no message")
-    return message.content, getattr(choices[0], "finish_reason", None)
+    content = message.content
+    if isinstance(content, str):
+        try:
+            content.encode()
+        except UnicodeEncodeError as err:  # "\ud800" escapes in the JSON: text no UTF-8 can hold
+            raise AnswerError("bad_response", f"an answer that is not Unicode text (a lone surrogate at {err.start})") \
+                from None
+    return content, getattr(choices[0], "finish_reason", None)
 
 
 def retry_after(err: Exception) -> float | None:
@@ -461,15 +686,22 @@ T = TypeVar("T")
 
 
 def request_with_retries(call: Callable[[int, str], T], settings: Settings, acct: Accounting, lock: threading.Lock,
-                         sleep: Callable[[float], None] = time.sleep, retry_answers: bool = True,
-                         stop: threading.Event | None = None) -> tuple[T, int]:
+                         sleep: Callable[[float], Any] | None = None, retry_answers: bool = True,
+                         stop: threading.Event | None = None, secret: str | None = None) -> tuple[T, int]:
     """(call(attempt, last reason)'s value, attempts): one request, retried up to settings.max_retries times.
 
     Transport faults are retried (after the Retry-After asked for, else backoff); bad answers too when
-    `retry_answers`; once `stop` is set (the run is stopping), transport faults no longer are. A
-    request that still fails raises AnswerError(reason, detail, attempts); every attempt and retry
-    is counted in `acct`.
+    `retry_answers`. Once `stop` is set (the run is stopping), nothing is: the wait between attempts
+    (`sleep`, by default a wait on `stop`) ends at once and the last failure is raised. A request that
+    still fails raises AnswerError(reason, detail, attempts), its detail without any piece of the API
+    key (`secret`, llm.redact); every attempt and retry is counted in `acct`.
     """
+    if sleep is None:
+        sleep = stop.wait if stop is not None else time.sleep
+
+    def stopping() -> bool:
+        return stop is not None and stop.is_set()
+
     attempt, last_reason = 0, ""
     while True:
         attempt += 1
@@ -480,14 +712,17 @@ def request_with_retries(call: Callable[[int, str], T], settings: Settings, acct
         except Exception as err:  # noqa: BLE001  (every failure is classified, retried or raised)
             reason, detail = describe_error(err)
             last_reason = reason
-            retry = (is_transport(reason) and not (stop and stop.is_set())) or (retry_answers and reason in ANSWER_ERRORS)
-            if not retry or attempt > settings.max_retries:
-                raise AnswerError(reason, clip(f"after {attempt} attempt(s): {detail or reason}", MAX_DETAIL_CHARS),
-                                  attempt) from err
+            retry = is_transport(reason) or (retry_answers and reason in ANSWER_ERRORS)
+            if not retry or attempt > settings.max_retries or stopping():
+                raise AnswerError(reason, redact(clip(f"after {attempt} attempt(s): {detail or reason}", MAX_DETAIL_CHARS),
+                                                 secret), attempt) from err
             with lock:
                 acct.retries += 1
                 acct.retry_reasons[reason] = acct.retry_reasons.get(reason, 0) + 1
             sleep(retry_delay(err, settings, attempt))
+            if stopping():
+                raise AnswerError(reason, redact(clip(f"after {attempt} attempt(s), stopped: {detail or reason}",
+                                                      MAX_DETAIL_CHARS), secret), attempt) from err
 
 
 def pass1_schema(k: int) -> dict[str, Any]:
@@ -508,7 +743,7 @@ class Request:
 
 
 def ask(client, model: str, messages: list[dict[str, str]], settings: Settings, acct: Accounting,
-        lock: threading.Lock, sleep: Callable[[float], None] = time.sleep, schema: dict[str, Any] | None = None,
+        lock: threading.Lock, sleep: Callable[[float], Any] | None = None, schema: dict[str, Any] | None = None,
         allowed: frozenset[str] | None = None, stop: threading.Event | None = None, form: str = "json"
         ) -> tuple[list[str], dict[str, Any]]:
     """One item's tags, retrying transient failures (request_with_retries); raises AnswerError."""
@@ -533,9 +768,10 @@ def ask(client, model: str, messages: list[dict[str, str]], settings: Settings, 
             acct.tokens_out += tokens_out
         content, finish_reason = completion_parts(response)
         tags = parse_tags(content, finish_reason, settings.k, allowed, form)  # from the whole answer, before it is clipped
-        return tags, {"raw": clip(content, MAX_STORED_CHARS), "tokens_in": tokens_in, "tokens_out": tokens_out}
+        return tags, {"raw": redact(clip(content, MAX_STORED_CHARS), secret), "tokens_in": tokens_in, "tokens_out": tokens_out}
 
-    (tags, info), attempts = request_with_retries(call, settings, acct, lock, sleep, stop=stop)
+    secret = getattr(client, "api_key", None)
+    (tags, info), attempts = request_with_retries(call, settings, acct, lock, sleep, stop=stop, secret=secret)
     return tags, {**info, "attempts": attempts}
 
 
@@ -590,40 +826,111 @@ class EndpointWatch:
         if self.streak >= self.needed:
             self.stop.set()
             url = endpoint_url(self.client)
-            message = f"{url}: {endpoint_problem(err)}"
-            key = getattr(self.client, "api_key", None)
-            if isinstance(key, str) and len(key) >= 8:
-                message = message.replace(key, "***")  # a body quoted in the detail might echo it
+            # a body quoted in the detail might echo the key, or a piece of it
+            message = redact(f"{url}: {endpoint_problem(err)}", getattr(self.client, "api_key", None))
             raise EndpointError(message, url, err.reason)
+
+
+STOP_GRACE_S = 2.0  # how long a run stopped by a signal waits for its requests in flight before it abandons them
 
 
 class RequestRun:
     """One run's requests to one client: `settings.concurrency` in flight, each through
-    request_with_retries (counted in `acct`, under `lock`), watched by an EndpointWatch."""
+    request_with_retries (counted in `acct`, under `lock`), watched by an EndpointWatch.
 
-    def __init__(self, client: Any, settings: Settings, todo: int, sleep: Callable[[float], None] = time.sleep,
+    The requests run on daemon threads, so that a run stopped by a signal does not wait on an endpoint that hangs:
+    while `run` works, SIGTERM sets the stop event (no request is retried or started after it) before the signal's
+    own handler runs (tema.cli's raises KeyboardInterrupt; where there is none, KeyboardInterrupt all the same)."""
+
+    def __init__(self, client: Any, settings: Settings, todo: int, sleep: Callable[[float], Any] | None = None,
                  acct: Accounting | None = None):
         self.client, self.settings, self.sleep = client, settings, sleep
         self.acct, self.lock = acct or Accounting(), threading.Lock()
         self.watch = EndpointWatch(client, todo)
+        self.stop = self.watch.stop
 
     def request(self, call: Callable[[int, str], T], retry_answers: bool = True) -> tuple[T, int]:
-        return request_with_retries(call, self.settings, self.acct, self.lock, self.sleep, retry_answers, self.watch.stop)
+        return request_with_retries(call, self.settings, self.acct, self.lock, self.sleep, retry_answers, self.stop,
+                                    getattr(self.client, "api_key", None))
 
     def run(self, job: Callable[..., AnswerError | None], args: Iterable[tuple],
             on_finished: Callable[[], None] | None = None) -> None:
-        """job(*a) for each a of `args`, returning its request's error or None; raises EndpointError
-        (dropping the queued jobs, finishing those in flight) when the watch says so."""
-        pool = ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency))
+        """job(*a) for each a of `args`, returning its request's error or None. Raises EndpointError (dropping the
+        queued jobs, finishing those in flight) when the watch says so, or a job's own exception (CacheWriteError...)
+        the same way; a signal (KeyboardInterrupt) drops the queued jobs and waits at most STOP_GRACE_S for those in
+        flight."""
+        jobs: queue.SimpleQueue = queue.SimpleQueue()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        count = 0
+        for a in args:
+            jobs.put(a)
+            count += 1
+
+        def worker() -> None:
+            while not self.stop.is_set():
+                try:
+                    a = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((job(*a), None))
+                except BaseException as err:  # noqa: BLE001  (handed to the run's own thread, which raises it)
+                    self.stop.set()  # no job starts after it
+                    done.put((None, err))
+
+        threads = [threading.Thread(target=worker, name=f"tema-request-{i}", daemon=True)
+                   for i in range(min(count, max(1, self.settings.concurrency)))]
+        with self.on_sigterm():
+            for thread in threads:
+                thread.start()
+            try:
+                for _ in range(count):
+                    while True:
+                        try:
+                            error, crash = done.get(timeout=0.5)  # a timeout: signals are handled meanwhile
+                            break
+                        except queue.Empty:
+                            if done.empty() and not any(thread.is_alive() for thread in threads):
+                                return  # stopped by someone else (the watch raises, a signal too): nothing to wait for
+                    if crash is not None:
+                        raise crash
+                    if on_finished:
+                        on_finished()
+                    self.watch.finished(error)
+            except KeyboardInterrupt:  # Ctrl-C, SIGTERM: give the requests in flight a moment, then leave them
+                self.stop.set()
+                deadline = time.monotonic() + STOP_GRACE_S
+                for thread in threads:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+                raise
+            except BaseException:
+                self.stop.set()
+                for thread in threads:
+                    thread.join()
+                raise
+
+    @contextlib.contextmanager
+    def on_sigterm(self):
+        """While the run works (on the main thread), SIGTERM sets `stop` first, then goes to its handler as before."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        before = signal.getsignal(signal.SIGTERM)
+        if before == signal.SIG_IGN or before is None:  # ignored on purpose, or set outside Python: left alone
+            yield
+            return
+
+        def stop_then_handle(signum, frame):
+            self.stop.set()
+            if callable(before):
+                before(signum, frame)
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, stop_then_handle)
         try:
-            futures = [pool.submit(job, *a) for a in args]
-            for future in as_completed(futures):
-                error = future.result()
-                if on_finished:
-                    on_finished()
-                self.watch.finished(error)
+            yield
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: finish the requests in flight, drop the rest
+            signal.signal(signal.SIGTERM, before)
 
 
 @dataclass(frozen=True)
@@ -675,7 +982,7 @@ def tag_items(
     settings: Settings,
     cache: TagCache,
     progress: bool = True,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], Any] | None = None,
     request: Callable[[Item], Request] | None = None,
     desc: str = "LLM tags",
 ) -> tuple[dict[int, list[str]], dict[int, str], Accounting]:
@@ -686,7 +993,9 @@ def tag_items(
     Returns (tags by item, failure reason by item, accounting). An item's failure does not stop the run
     (it is cached if its answer was at fault, so the report counts it; it is asked again next run);
     requests that keep failing for the endpoint's sake do (EndpointWatch): EndpointError, with the
-    answers finished until then cached.
+    answers finished until then cached; so do a cache that cannot be written (CacheWriteError) and
+    SIGTERM or Ctrl-C (KeyboardInterrupt, within STOP_GRACE_S). `sleep` waits between attempts (by
+    default a wait that a stop ends).
     """
     acct = Accounting()
     make = request or (lambda item: pass1_request(item, model, model_sha256, settings))
@@ -712,7 +1021,7 @@ def tag_items(
         t0 = time.perf_counter()
         try:
             result, info = ask(client, model, req.messages, settings, acct, lock, sleep, req.schema, req.allowed,
-                               runner.watch.stop, req.form)
+                               runner.stop, req.form)
         except AnswerError as err:
             if not is_endpoint_failure(err.reason):  # the item's own answer was at fault: recorded
                 cache.put({"key": req.key, "item_id": item.item_id, "status": "failed", "reason": err.reason,

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tema import artifacts, config, data, datasets, llm, schema
+from tema import artifacts, atomic, config, data, datasets, llm, schema
 from tema.encoders import load_text_encoder
 from tema.tagging import (
     PROMPT_VERSION,
@@ -341,7 +340,7 @@ def apply_refine_answers(chunks: list[RefineChunk], answers: list[dict[str, Any]
 
 
 def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: str, tags: list[str], chunk: int,
-               settings: Settings, cache: TagCache, sleep=time.sleep) -> tuple[dict[str, str], set[str], dict[str, int]]:
+               settings: Settings, cache: TagCache, sleep=None) -> tuple[dict[str, str], set[str], dict[str, int]]:
     """Ask the LLM, chunk by chunk, which tags are synonyms and which are vague; answers are validated.
 
     Chunks not in the cache go out `settings.concurrency` at a time (the server's parallel slots),
@@ -581,7 +580,7 @@ def pass2_targets(items: list[Item], mapped: dict[int, list[tuple[str, int]]], p
 
 def llm_pass2(items: list[Item], domain_of: dict[int, str], vocab: pd.DataFrame, mapped: dict[int, list[tuple[str, int]]],
               encode, pass2: dict[str, Any], get_client, model: str, model_sha256: str | None, settings: Settings,
-              cache: TagCache, progress: bool = True, sleep=time.sleep) -> tuple[dict[int, list[tuple[str, int]]], dict[str, Any]]:
+              cache: TagCache, progress: bool = True, sleep=None) -> tuple[dict[int, list[tuple[str, int]]], dict[str, Any]]:
     """Pass 2 by the LLM over the vocabulary, for the items `pass2["mode"]` selects.
 
     An answer replaces the item's mapped tags (ranked as the LLM ranked them) unless it has fewer tags;
@@ -648,6 +647,8 @@ def cache_accounting(cache: TagCache, items: list[Item], model: str, model_sha25
             totals["failed"] += 1
             totals["failure_reasons"][record["reason"]] = totals["failure_reasons"].get(record["reason"], 0) + 1
     totals["request_seconds"] = round(totals["request_seconds"], 1)
+    if cache.bad_lines:  # named only when there are some, so that the accounting of a sound cache stays as it was
+        totals["malformed_cache_lines"] = cache.bad_lines
     return totals
 
 
@@ -665,31 +666,45 @@ def check_coverage(where: str, tagged: int, asked: int, minimum: float, failures
 
 
 def write_outputs(out: Path, dataset: data.Dataset, pass1, failures, vocab, item_tags, provenance, accounting) -> None:
-    """Write the stage's files beside `out`, then move each into place: no file of `out` is ever partly written."""
+    """Write the stage's files beside `out`, then move each into place: no file of `out` is ever partly written.
+
+    A file that cannot be written (a full disk) raises atomic.WriteError, one line naming `out`, before any file of
+    `out` is replaced."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     try:
-        _write_files(tmp, dataset, pass1, failures, vocab, item_tags, provenance, accounting)
+        try:
+            _write_files(tmp, dataset, pass1, failures, vocab, item_tags, provenance, accounting)
+        except OSError as err:
+            failure = atomic.WriteError(f"{out}: could not write the stage's outputs ({atomic.describe_os_error(err)}); "
+                                        "its files are unchanged")
+            failure.errno = err.errno
+            raise failure from None
         for name in artifacts.TAG_FILES:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _write_table(path: Path, frame: pd.DataFrame, **to_csv: Any) -> None:
+    atomic.write_bytes(path, frame.to_csv(sep="\t", index=False, **to_csv).encode())
+
+
 def _write_files(out: Path, dataset: data.Dataset, pass1, failures, vocab, item_tags, provenance, accounting) -> None:
     domain = dataset.items["domain"].to_numpy()
     rows = sorted(pass1)
-    pd.DataFrame({"item_id": rows, "domain": domain[rows], "tags": [json.dumps(pass1[i], ensure_ascii=False) for i in rows]}) \
-        .to_csv(out / "pass1_tags.tsv", sep="\t", index=False, quoting=csv.QUOTE_NONE)
+    _write_table(out / "pass1_tags.tsv", pd.DataFrame({"item_id": rows, "domain": domain[rows],
+                                                       "tags": [json.dumps(pass1[i], ensure_ascii=False) for i in rows]}),
+                 quoting=csv.QUOTE_NONE)
     rows = sorted(item_tags)
-    pd.DataFrame({"item_id": rows, "domain": domain[rows],
-                  "tags": [json.dumps([[t, r] for t, r in item_tags[i]], ensure_ascii=False) for i in rows]}) \
-        .to_csv(out / "item_tags.tsv", sep="\t", index=False, quoting=csv.QUOTE_NONE)
-    vocab.to_csv(out / "vocabulary.tsv", sep="\t", index=False)
-    pd.DataFrame(sorted(failures.items()), columns=["item_id", "reason"]).to_csv(out / "failures.tsv", sep="\t", index=False)
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    (out / "accounting.json").write_text(json.dumps(accounting, indent=2, sort_keys=True) + "\n")
+    _write_table(out / "item_tags.tsv", pd.DataFrame({
+        "item_id": rows, "domain": domain[rows],
+        "tags": [json.dumps([[t, r] for t, r in item_tags[i]], ensure_ascii=False) for i in rows]}), quoting=csv.QUOTE_NONE)
+    _write_table(out / "vocabulary.tsv", vocab)
+    _write_table(out / "failures.tsv", pd.DataFrame(sorted(failures.items()), columns=["item_id", "reason"]))
+    atomic.write_text(out / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(out / "accounting.json", json.dumps(accounting, indent=2, sort_keys=True) + "\n")
 
 
 def write_no_tags(out: Path, dataset: data.Dataset, dataset_name: str) -> dict[str, Any]:
@@ -751,7 +766,8 @@ def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None
     with TagCache(answer_caches(dataset_name) / "pass1.jsonl") as cache, \
             llm.LazyEndpoint(params, settings.timeout_s) as ep:
         _, failures, acct = tag_items(items_to_tag(dataset, limit, prompts), ep.client, ep.model, ep.model_sha256, settings, cache)
-    return {**asdict(acct), "failures": len(failures)}
+    malformed = {"malformed_cache_lines": cache.bad_lines} if cache.bad_lines else {}
+    return {**asdict(acct), "failures": len(failures), **malformed}
 
 
 def tag_source(params: dict[str, Any], dataset_name: str, name: str | None = None) -> dict[str, Any]:

@@ -5,9 +5,11 @@ Answers are deterministic tags made from the item's title words, so tests can ch
 (`default` is the behaviour of every other request):
 ok, http_<status> (e.g. http_429, http_503), timeout, malformed, empty, truncated, no_tags,
 drop (close the connection), garbage (HTTP 200 with an HTML body), not_completion (HTTP 200 with a JSON
-body that is not a chat completion), huge (a valid answer of about 80 KB), or a dict
+body that is not a chat completion), huge (a valid answer of about 80 KB), not_utf8 (a chat completion
+whose body holds bytes that are not UTF-8), surrogate (a chat completion whose answer escapes a lone
+surrogate, text no UTF-8 can hold), hang (no answer until the stub closes), or a dict
 {"status": 429, "headers": {"Retry-After": "5"}, "body": "..."} for any status, response headers and
-body (by default a JSON error).
+body (by default a JSON error; str, bytes, or an object sent as JSON).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class StubLLM:
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.lock = threading.Lock()
+        self.closing = threading.Event()  # ends the requests that hang
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,6 +75,10 @@ class StubLLM:
                     return
                 if behaviour == "timeout":
                     time.sleep(3)
+                if behaviour == "hang":
+                    stub.closing.wait(600)
+                    self.connection.close()
+                    return
                 if isinstance(behaviour, dict):
                     body = behaviour.get("body", {"error": {"message": f"http_{behaviour['status']}"}})
                     return self.reply(behaviour["status"], body.encode() if isinstance(body, str) else body,
@@ -82,6 +89,12 @@ class StubLLM:
                     return self.reply(200, GARBAGE, {"Content-Type": "text/html"})
                 if behaviour == "not_completion":
                     return self.reply(200, {"hello": "world"})
+                if behaviour in ("not_utf8", "surrogate"):
+                    completion = {"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "@ANSWER@"},
+                                               "finish_reason": "stop"}]}
+                    answer = b'[\\"caf\xe9\xff\\"]' if behaviour == "not_utf8" else b'[\\"caf\\ud800\\"]'
+                    return self.reply(200, json.dumps(completion).encode().replace(b"@ANSWER@", answer))
                 content = {
                     # a request under a grammar (tagging's "list" answer form) is answered as a comma-separated line
                     "ok": ", ".join(title_tags(prompt)) if "grammar" in request else json.dumps({"tags": title_tags(prompt)}),
@@ -126,5 +139,6 @@ class StubLLM:
         return self
 
     def __exit__(self, *exc):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()

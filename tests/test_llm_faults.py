@@ -1,6 +1,7 @@
-"""Faults of the LLM endpoint and of the answer cache: Retry-After, bodies that are not chat completions,
-an endpoint that cannot be reached (the run stops, nothing is cached for it), the cache's run lock,
-torn and bad cache lines said on load, and answers stored capped in size."""
+"""Faults of the LLM endpoint and of the answer cache: Retry-After, bodies that are not chat completions
+(or not UTF-8), an endpoint that cannot be reached (the run stops, nothing is cached for it), the cache's
+run lock, torn and malformed cache lines said on load (and never served), answers stored capped in size,
+and no piece of the API key in any message or file."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from stub_llm import GARBAGE, HUGE_CHARS, StubLLM
 from test_tagging import FOOD, cache_lines, client_for, closed_port_url, items
 
-from tema import tagging, tags
+from tema import llm, tagging, tags
 from tema.tagging import EndpointError, Settings, TagCache, tag_items
 
 FAST = Settings(timeout_s=2.0, max_retries=3, backoff_s=0.01, concurrency=4)
@@ -207,14 +208,124 @@ def test_torn_and_bad_lines_are_said_on_load(tmp_path, capsys):
     path.write_text(f"{good[0]}\n{{\"key\": \"c\", \"sta")
     with TagCache(path) as cache:
         assert (cache.bad_lines, cache.torn_lines) == (0, 1)
-    assert capsys.readouterr().err == f"{path}: cut 1 torn last line\n"
+    assert capsys.readouterr().err == f"{path}: cut 1 torn last line; their items are asked again\n"
     with TagCache(path) as cache:  # cut: nothing more to say
         assert (cache.bad_lines, cache.torn_lines) == (0, 0)
     assert capsys.readouterr().err == ""
     path.write_text(f"{good[0]}\nnot json\n{{\"no key\": 1}}\n\n{good[1]}\n{{\"key\": \"c\", \"sta")
     with TagCache(path) as cache:
         assert (cache.bad_lines, cache.torn_lines, sorted(cache.entries)) == (3, 1, ["a", "b"])
-    assert capsys.readouterr().err == f"{path}: skipped 3 unreadable line(s) and cut 1 torn last line\n"
+    assert capsys.readouterr().err == (f"{path}: skipped 3 malformed line(s), the first at line 2 (not JSON), and cut 1 "
+                                       "torn last line; their items are asked again\n")
+
+
+def test_malformed_cache_records_are_counted_never_served_and_asked_again(tmp_path, capsys):
+    """A record that is not what TagCache writes (an ok one without tags, tags that are not a list of strings, a
+    number that is text...) neither crashes the run nor is served: it is counted, said, and its item asked again."""
+    its = items(9)
+    keys = [tagging.pass1_request(item, "stub", "sha-x", FAST).key for item in its]
+    bad = [{"status": "ok"}, {"status": "ok", "tags": "crunchy"}, {"status": "ok", "tags": None},
+           {"status": "ok", "tags": [1, 2]}, {"status": "ok", "tags": []},
+           {"status": "ok", "tags": ["a"], "tokens_in": "many"}, {"status": "done", "tags": ["a"]},
+           {"status": "failed"}]
+    records = [{"key": key, "item_id": i, **fields} for i, (key, fields) in enumerate(zip(keys, bad))]
+    records.append({"key": keys[8], "item_id": 8, "status": "ok", "tags": ["cached"], "tokens_in": 3, "tokens_out": 2})
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cache = TagCache(path)
+    assert (cache.bad_lines, cache.first_bad, sorted(cache.entries)) == (8, (1, "an ok record without tags"), [keys[8]])
+    assert capsys.readouterr().err == (f"{path}: skipped 8 malformed line(s), the first at line 1 (an ok record "
+                                       "without tags); their items are asked again\n")
+    with StubLLM() as stub:
+        found, failures, acct = run(stub.base_url, its, cache)
+        assert len(stub.requests) == 8  # every item but the one sound record's
+    assert not failures and acct.cached == 1 and found[8] == ["cached"] and found[1][:2] == ["product", "number"]
+    accounting = tags.cache_accounting(cache, its, "stub", "sha-x", FAST)
+    assert accounting["malformed_cache_lines"] == 8 and accounting["answered"] == 9
+    cache.close()
+    assert TagCache(path, lock=False).bad_lines == 8  # skipped, never cut out of the file: the new answers come after
+    assert "malformed_cache_lines" not in tags.cache_accounting(TagCache(tmp_path / "sound.jsonl", lock=False), its,
+                                                                "stub", "sha-x", FAST)
+
+
+def test_every_record_of_the_committed_caches_is_valid_and_served_as_written(root):
+    files = sorted((root / "data" / "tags-cache").glob("*/*.jsonl"))
+    assert len(files) >= 6
+    for path in files:
+        data = path.read_bytes()  # read, never opened as a cache: nothing here may touch the committed files
+        scan = tagging.scan_cache(data)
+        assert (scan.bad_lines, scan.first_bad, scan.tail) == (0, None, b""), path
+        plain = {r["key"]: r for r in map(json.loads, data.splitlines())}  # what the loader before validation served
+        assert scan.entries == plain, path
+
+
+# ---------------------------------------------------------------- bodies that are not UTF-8
+
+
+@pytest.mark.parametrize("fault", ["not_utf8", "surrogate"])
+def test_an_answer_that_is_not_utf8_is_an_endpoint_fault(tmp_path, fault):
+    with StubLLM(faults={"number3 ": [fault, fault]}) as stub:
+        found, failures, acct = run(stub.base_url, items(), TagCache(tmp_path / "c.jsonl"))
+    assert not failures and found[3][:2] == ["product", "number"]
+    assert acct.retry_reasons == {"bad_response": 2}  # retried like any body that is not a chat completion
+    with StubLLM(default=fault) as stub:
+        with pytest.raises(EndpointError) as err:
+            run(stub.base_url, items(12), TagCache(tmp_path / "d.jsonl"), replace(FAST, max_retries=1))
+    assert err.value.reason == "bad_response" and "\n" not in str(err.value)
+    assert ("not UTF-8" if fault == "not_utf8" else "not Unicode text") in str(err.value)
+    assert cache_lines(tmp_path / "d.jsonl") == []  # never cached as the items' failures
+
+
+# ---------------------------------------------------------------- no piece of the API key anywhere
+
+KEY = "sk-live-5Ab9XcQ2rT7uW1yZ3mN8pL4kJ6"
+
+
+def key_pieces_in(text: str, key: str = KEY) -> list[str]:
+    """The pieces of `key` of 4 characters found in `text` (any longer piece holds one)."""
+    return [key[i:i + 4] for i in range(len(key) - 3) if key[i:i + 4] in text]
+
+
+def completion(content: str) -> dict:
+    return {"status": 200, "body": {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                                 "finish_reason": "stop"}]}}
+
+
+def test_redaction_removes_every_piece_of_the_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert len(KEY) == 34
+    assert llm.redact(f"body: {KEY[:30]}", KEY) == "body: ***"  # a snippet cut inside the key
+    assert llm.redact(f"{KEY[-4:]} and {KEY[9:13]}!", KEY) == "*** and ***!"
+    assert llm.redact(f"x{KEY}y{KEY}z", KEY) == "x***y***z"
+    assert llm.redact(f"abc {KEY[:3]}", KEY) == f"abc {KEY[:3]}"  # under 4 characters: nothing of it is said
+    assert llm.redact("nothing secret here", KEY) == "nothing secret here"
+    assert llm.redact("not-needed and test", "not-needed", "test") == "not-needed and test"  # placeholders, no keys
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # the environment's key, without being named
+    assert llm.redact(f"[{KEY[3:21]}]") == "[***]"
+    text = ("lorem ipsum " * 100_000) + KEY[5:25]
+    started = time.perf_counter()
+    assert llm.redact(text).endswith(" ***")
+    assert time.perf_counter() - started < 5
+
+
+def test_an_error_snippet_cut_inside_the_key_says_none_of_it(tmp_path):
+    body = "<html>" + "x" * 45 + KEY + "</html>"  # the snippet's 80 characters end 29 characters into the key
+    with StubLLM(default={"status": 200, "body": body, "headers": {"Content-Type": "text/html"}}) as stub:
+        with pytest.raises(EndpointError) as err:
+            run(stub.base_url, items(), TagCache(tmp_path / "c.jsonl"), key=KEY)
+    assert "<html>xxxx" in str(err.value) and not key_pieces_in(str(err.value))
+
+
+def test_cached_failures_and_answers_say_no_piece_of_the_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(tagging, "MAX_STORED_CHARS", 40)
+    faults = {"number3 ": [completion(json.dumps({"labels": "the key " + KEY[:20]}))] * 10,  # no_tag_list, quoted
+              "number5 ": [completion(json.dumps({"tags": ["salt"], "note": "x" * 14 + KEY}))]}  # stored cut in the key
+    with StubLLM(faults=faults) as stub:
+        found, failures, _ = run(stub.base_url, items(6), TagCache(tmp_path / "c.jsonl"), key=KEY)
+    assert failures == {3: "no_tag_list"} and found[5] == ["salt"]
+    text = (tmp_path / "c.jsonl").read_text()
+    assert "the key ***" in text and not key_pieces_in(text)
 
 
 def test_a_huge_answer_is_parsed_whole_and_stored_cut(tmp_path):

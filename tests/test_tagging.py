@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -106,6 +107,24 @@ def test_answers_are_validated_and_normalised():
         assert err.value.reason == reason
 
 
+def test_tag_parsing_is_linear_and_capped():
+    """A huge answer holding tens of thousands of distinct tags is parsed in a moment: duplicates are found in a set, at
+    most max_examined(k) tags are looked at, and an answer longer than any max_tokens allows is not parsed at all."""
+    distinct = [f"tag {i}" for i in range(60_000)]
+    started = time.perf_counter()
+    assert tagging.parse_tags(json.dumps(distinct), "stop", 5) == distinct[:5]
+    assert tagging.parse_tags(", ".join(distinct), "stop", 5, form="list") == distinct[:5]
+    assert tagging.parse_tags(json.dumps(["Snack", "snack"] * 30_000 + ["late"]), "stop", 5) == ["snack"]
+    for content, form in [(json.dumps(["w w w w w"] * 30_000 + ["late"]), "json"), (", ".join([" w w w w w"] * 30_000 + ["late"]), "list")]:
+        with pytest.raises(tagging.AnswerError, match="no_valid_tag"):  # the good tag comes after the examined ones
+            tagging.parse_tags(content, "stop", 5, form=form)
+    assert time.perf_counter() - started < 5
+    assert tagging.max_examined(5) == 50 and tagging.max_examined(20) == 200
+    with pytest.raises(tagging.AnswerError) as err:
+        tagging.parse_tags(json.dumps(["t"] * 300_000), "stop", 5)  # 1.5 M characters: max_tokens ignored
+    assert err.value.reason == "bad_response" and tagging.is_endpoint_failure("bad_response")
+
+
 def test_cache_hits_and_exact_invalidation(tmp_path, monkeypatch):
     path = tmp_path / "c.jsonl"
     with StubLLM() as stub:
@@ -151,6 +170,75 @@ def test_torn_last_line_is_ignored_and_cut(tmp_path):
     cache = TagCache(path)
     assert cache.torn_lines == 1 and path.read_bytes() == whole
     assert len([k for k in cache.entries if cache.get(k)]) == 4
+
+
+def test_a_complete_last_record_without_its_newline_is_kept(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    with StubLLM() as stub:
+        run(stub.base_url, items(4), TagCache(path))
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-1])  # the last record lost only its newline
+    cache = TagCache(path)
+    assert (cache.kept_lines, cache.torn_lines, cache.bad_lines) == (1, 0, 0) and path.read_bytes() == whole
+    assert capsys.readouterr().err == ""
+    with StubLLM() as stub:
+        _, _, acct = run(stub.base_url, items(4), cache)
+        assert not stub.requests and acct.cached == 4  # all four served, none asked again
+
+
+def test_a_torn_tail_never_swallows_the_next_record(tmp_path):
+    """What a writer killed halfway (or a short write before the fix) leaves after the cache was opened: the next record
+    still starts on its own line, the fragment is cut, and a whole record that lacks its newline is kept."""
+    path = tmp_path / "c.jsonl"
+    cache = TagCache(path)
+    cache.put({"key": "a", "status": "ok", "tags": ["x"]})
+    with open(path, "ab") as f:
+        f.write(b'{"key": "torn", "status": "o')
+    cache.put({"key": "b", "status": "ok", "tags": ["y"]})
+    assert [r["key"] for r in cache_lines(path)] == ["a", "b"]
+    with open(path, "ab") as f:
+        f.write(b'{"key": "whole", "status": "ok", "tags": ["z"]}')
+    cache.put({"key": "c", "status": "ok", "tags": ["w"]})
+    assert [r["key"] for r in cache_lines(path)] == ["a", "b", "whole", "c"]
+    cache.close()
+    assert sorted(TagCache(path).entries) == ["a", "b", "c", "whole"]
+
+
+def fill_the_disk(monkeypatch, at: int, short: bool = False) -> None:
+    """os.write fails the `at`-th cache record written (with ENOSPC, or, `short`, by writing half of it), then works."""
+    real, seen = os.write, []
+
+    def write(fd, data):
+        if b'"key": ' in bytes(data[:200]):
+            seen.append(1)
+            if len(seen) == at:
+                if short:
+                    return real(fd, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_cache_whole(tmp_path, monkeypatch, short):
+    path = tmp_path / "c.jsonl"
+    settings = Settings(timeout_s=5.0, max_retries=1, backoff_s=0.01, concurrency=1)
+    with StubLLM() as stub:
+        fill_the_disk(monkeypatch, at=4, short=short)
+        with pytest.raises(tagging.CacheWriteError) as err:
+            tag_items(items(), lambda: client_for(stub.base_url), "stub", "sha-x", settings, TagCache(path), progress=False)
+        monkeypatch.undo()  # space is back
+        message = str(err.value)
+        assert message.startswith(f"{path}: could not append an answer (") and "\n" not in message
+        assert ("only" in message and "disk is probably full" in message) if short else "No space left on device" in message
+        data = path.read_bytes()
+        assert data.endswith(b"\n") and [r["item_id"] for r in cache_lines(path)] == [0, 1, 2]  # no piece of the fourth
+        assert len(stub.requests) == 4
+        found, failures, acct = tag_items(items(), lambda: client_for(stub.base_url), "stub", "sha-x", settings,
+                                          TagCache(path), progress=False)
+    assert not failures and len(found) == 12 and acct.cached == 3
+    assert sorted(r["item_id"] for r in cache_lines(path)) == list(range(12))  # every line whole, every item once
 
 
 WORKER = """
