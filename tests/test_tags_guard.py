@@ -1,23 +1,26 @@
 """The tags stage never replaces what it has with something worse: an endpoint that cannot be reached, a run that tags
-too few items, and a limited run all leave the committed tags and answer caches as they were."""
+too few items, a limited run, a full disk and SIGTERM all leave the committed tags and answer caches as they were (what
+was answered before stays cached)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import copy_worktree, describe_datasets, food_kitchen_files, write_raw
 from stub_llm import StubLLM
-from test_tagging import closed_port_url
+from test_tagging import cache_lines, closed_port_url, fill_the_disk
 from test_tags_stage import bag_encoder
 
-from tema import artifacts, config, tags
-from tema.tagging import EndpointError
+from tema import artifacts, cli, config, tags
+from tema.tagging import CacheWriteError, EndpointError, TagCache
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -116,3 +119,65 @@ def test_an_unreachable_endpoint_fails_loudly_and_keeps_the_committed_tags(tmp_p
     assert f"{url}: unreachable" in proc.stdout + proc.stderr
     after = {**snapshot(repo / "data" / "tags"), **{f"cache/{k}": v for k, v in snapshot(repo / "data" / "tags-cache").items()}}
     assert after == before
+
+
+@pytest.fixture
+def signals_restored():
+    """cli.main's `tags` command routes SIGINT and SIGTERM to KeyboardInterrupt (tema.cli.stop_on_signals): undone."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_a_full_disk_ends_tags_generate_and_the_stage_in_one_line(tiny_repo, monkeypatch, capsys, signals_restored):
+    """No space left while an answer is appended: one line naming the cache, nothing torn, the answers before kept."""
+    repo, params = tiny_repo
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "llm": {**params["llm"], "concurrency": 1}}))
+    cache = repo / "data" / "tags-cache" / "food-kitchen" / "pass1.jsonl"
+    real_write = os.write
+    with StubLLM() as stub:
+        monkeypatch.setenv("OPENAI_BASE_URL", stub.base_url)
+        fill_the_disk(monkeypatch, at=3)
+        assert cli.main(["tags", "generate", "food-kitchen"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"tema: error: {cache}: could not append an answer (No space left on device); the "
+                                    "answers cached before are kept, free some space and run the same command again to go on"]
+        assert [r["item_id"] for r in cache_lines(cache)] == [0, 1] and cache.read_bytes().endswith(b"\n")
+        before = snapshot(repo / "data" / "tags")
+        monkeypatch.setattr(os, "write", real_write)
+        fill_the_disk(monkeypatch, at=2)  # the stage (the notebook calls tags.run): the same error, no output written
+        params["llm"]["concurrency"] = 1
+        with pytest.raises(CacheWriteError, match=f"^{cache}: could not append an answer"):
+            tags.run("food-kitchen", params)
+        assert snapshot(repo / "data" / "tags") == before
+        assert [r["item_id"] for r in cache_lines(cache)] == [0, 1, 2]
+
+
+def test_sigterm_stops_tags_generate_within_seconds_while_the_endpoint_hangs(tiny_repo, tmp_path):
+    """SIGTERM to `tema tags generate` with four requests hanging on the endpoint (llm.timeout_s is 120 s): the run
+    stops within seconds, in one line, with the answers finished before cached and the cache's lock released."""
+    repo, params = tiny_repo
+    assert params["llm"]["timeout_s"] >= 60 and params["llm"]["concurrency"] == 4
+    cache = repo / "data" / "tags-cache" / "food-kitchen" / "pass1.jsonl"
+    with StubLLM(faults={"item 0": ["ok"], "item 4": ["ok"]}, default="hang") as stub:
+        proc = subprocess.Popen(["tema", "tags", "generate", "food-kitchen"], cwd=repo, env=cli_env(tmp_path, stub.base_url),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and (len(stub.requests) < 6 or len(cache_lines(cache)) < 2):
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.1)
+            assert len(stub.requests) == 6  # two answered, four hanging
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            took = time.monotonic() - started
+        finally:
+            proc.kill()
+        assert len(stub.requests) == 6  # nothing asked again, nothing more asked
+    assert took < 8, f"took {took:.1f} s to stop"
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "stopped (signal 15); finished answers are cached, run the same command to resume"
+    assert sorted(r["item_id"] for r in cache_lines(cache)) == [0, 4]
+    TagCache(cache).close()  # the run lock was released
