@@ -491,9 +491,10 @@ class TagCache:
         self.kept_lines, self.torn_lines = int(scan.tail_record is not None), int(scan.tail_record is None)
         self._tail_cut = done == "cut"
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str, answer: str = "tags") -> dict[str, Any] | None:
+        """The ok record of `key` that holds `answer` ("tags", pass 1 and 2; "answer", the refinement), else None."""
         record = self.entries.get(key)
-        return record if record and record.get("status") == OK else None
+        return record if record and record.get("status") == OK and answer in record else None
 
     def put(self, record: dict[str, Any]) -> None:
         """Append one record, whole and fsynced; raises CacheWriteError (the file as it was) when it cannot be written."""

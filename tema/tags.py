@@ -356,10 +356,10 @@ def llm_refine(get_client, model: str, model_sha256: str | None, domain_name: st
     Each chunk's answer is cached like pass-1 answers, so a re-run needs no LLM.
     """
     chunks = refine_chunks(domain_name, tags, chunk, model, model_sha256, settings)
-    todo = [c for c in chunks if cache.get(c.key) is None]
+    todo = [c for c in chunks if cache.get(c.key, "answer") is None]
     if todo:  # the client is made once, before any thread, and only if some chunk is not cached yet
         ask_refine_chunks(todo, get_client(), model, domain_name, settings, cache, sleep)
-    return apply_refine_answers(chunks, [cache.get(c.key) for c in chunks])
+    return apply_refine_answers(chunks, [cache.get(c.key, "answer") for c in chunks])
 
 
 def resolve(tag: str, merges: dict[str, str]) -> str:
