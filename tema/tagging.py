@@ -521,9 +521,10 @@ class TagCache:
                 os.close(fd)
             self.entries[record["key"]] = record
 
-    def _write_error(self, err: OSError, what: str = "could not append an answer") -> CacheWriteError:
-        failure = CacheWriteError(f"{self.path}: {what} ({describe_os_error(err)}); the answers cached before are "
-                                  "kept, free some space and run the same command again to go on")
+    def _write_error(self, err: OSError) -> CacheWriteError:
+        then = "free some space and" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "once the file can be written,"
+        failure = CacheWriteError(f"{self.path}: could not append an answer ({describe_os_error(err)}); the answers "
+                                  f"cached before are kept, {then} run the same command again to go on")
         failure.errno = err.errno
         return failure
 
