@@ -10,13 +10,15 @@ from pathlib import Path
 import yaml
 
 from tema import config, data, profiles, schema
+from tema.atomic import WriteError
 from tema.llm import LLMError
 from tema.profiles import apply_profile, profile_params  # noqa: F401  (profile_params: the tests' and benchmarks' entry)
 from tema.tagging import CacheBusyError
 
 # Mistakes in params.yaml, a profile or the raw data (tema.schema and tema.datasets raise these two), an LLM endpoint
-# that cannot be used, an answer cache in use by another run: one line each, no traceback (main; a missing file too).
-USER_ERRORS = (config.ParamsError, data.DataError, LLMError, CacheBusyError)
+# that cannot be used, an answer cache in use by another run, a file that could not be written (a full disk; the
+# previous file is kept): one line each, no traceback (main; a missing file too).
+USER_ERRORS = (config.ParamsError, data.DataError, LLMError, CacheBusyError, WriteError)
 
 
 def parse_value(text: str):
@@ -85,7 +87,8 @@ def dataset_command(args: argparse.Namespace) -> int:
     dropped = report.get("users_dropped") or report.get("users_without_examples")
     if dropped:
         print(f"  {dropped:,} users left out (fewer interactions than the split rule needs)")
-    print(f"\nTo run it, write profiles/{args.name}.yaml (`extends: smoke` instead for a minutes-long check):\n")
+    print(f"\nTo run it, write profiles/{args.name}.yaml (`extends: smoke` instead for a minutes-long check, which runs in "
+          "the workspace build/smoke/):\n")
     print("  " + profiles.suggestion(args.name).rstrip("\n").replace("\n", "\n  "))
     print(f"\nthen: tema profile {args.name} && dvc repro")
     return 0

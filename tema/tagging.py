@@ -240,12 +240,9 @@ class CacheBusyError(RuntimeError):
     """Another process is writing to the same answer cache."""
 
 
-class CacheWriteError(WriteError, CacheBusyError):
+class CacheWriteError(WriteError):
     """An answer could not be appended to the cache (a full disk...): the file is as it was before that append.
-
-    One line naming the cache file. A CacheBusyError too, only so that the `tema` command, whose USER_ERRORS name
-    CacheBusyError (tema/cli.py), says it in that one line instead of a traceback; a WriteError (tema.atomic) for all
-    else."""
+    One line naming the cache file (the `tema` command says a tema.atomic.WriteError in one line)."""
 
 
 OK, FAILED = "ok", "failed"

@@ -72,7 +72,7 @@ def test_a_profile_runs_only_the_tags_stages_of_its_own_datasets(repo):
 
 
 @pytest.mark.parametrize("fault", ["full disk", "kill"])
-def test_tema_profile_writes_params_yaml_whole_or_not_at_all(repo, monkeypatch, fault):
+def test_tema_profile_writes_params_yaml_whole_or_not_at_all(repo, monkeypatch, capsys, fault):
     import errno
     import os
 
@@ -90,6 +90,11 @@ def test_tema_profile_writes_params_yaml_whole_or_not_at_all(repo, monkeypatch, 
         monkeypatch.setattr(os, "fsync", failing)
         with pytest.raises(OSError, match=r"could not write it \(No space left on device\)"):
             profiles.apply_profile("default")
+        calls.clear()
+        capsys.readouterr()
+        assert cli.main(["profile", "default"]) == 2  # the command: one line naming the file, no traceback
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("tema: error: ") and "(No space left on device)" in err[0]
     else:
         def killed(*args):
             raise KeyboardInterrupt
