@@ -95,6 +95,16 @@ def get(params: dict[str, Any], dotted: str, kind: type | tuple[type, ...] | Non
     return node
 
 
+def with_source_llm(params: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """params whose `llm` section is the global one with a tag source's own `llm` settings laid over it
+    (`tags.sources.<dataset>.llm`, `tags.other_sources.<dataset>.<name>.llm`): a model or a setting given for one
+    source asks nothing different of another source, and each source's tags stage depends on its own entry only."""
+    own = source.get("llm") if isinstance(source, dict) else None
+    if not own:
+        return params
+    return {**params, "llm": deep_merge(params.get("llm") or {}, own)}
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():

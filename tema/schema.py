@@ -256,6 +256,12 @@ def llm_section() -> Section:
     return out
 
 
+def source_llm_section() -> Section:
+    """A tag source's own `llm` settings, laid over the llm section for that source alone (config.with_source_llm):
+    the same keys, every one optional."""
+    return {key: Key(field.rule, required=False) for key, field in llm_section().items()}
+
+
 def _type_rule(default: Any) -> Rule:
     if isinstance(default, bool):
         return boolean
@@ -266,6 +272,9 @@ def _type_rule(default: Any) -> Rule:
     if isinstance(default, str):
         return text
     return lambda v: None
+
+
+SOURCE["llm"] = Key(source_llm_section(), required=False)  # here: the llm section's rules need _type_rule
 
 
 def tags_section(params: dict[str, Any]) -> Section:
@@ -351,7 +360,7 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
             if "file" not in source:
                 errors.append(f"{where}.file: missing; an external source names its tag file (item_id<TAB>tags_json)")
         shortlist = (source.get("pass2") or {}).get("shortlist")
-        k = params["llm"].get("k", Settings.k)
+        k = config.with_source_llm(params, source)["llm"].get("k", Settings.k)
         if shortlist is not None and shortlist < k:
             errors.append(f"{where}.pass2.shortlist: expected an integer >= llm.k ({k}), got {shortlist}")
     if errors:

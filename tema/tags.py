@@ -760,6 +760,7 @@ def generate(dataset_name: str, params: dict[str, Any], limit: int | None = None
     schema.check(params)
     if limit is not None and limit < 1:
         raise config.ParamsError(f"--limit: expected an integer >= 1 (items per domain), got {limit}")
+    params = config.with_source_llm(params, tag_source(params, dataset_name))
     settings = settings_from_params(params)
     dataset = datasets.read_raw(dataset_name)
     prompts = domain_prompts(datasets.spec(dataset_name))
@@ -848,6 +849,7 @@ def run(dataset_name: str, params: dict[str, Any], source_name: str | None = Non
     """
     schema.check(params)
     source = tag_source(params, dataset_name, source_name)
+    params = config.with_source_llm(params, source)  # the source's own llm settings, if any, over the global ones
     refine, limit, min_coverage = params["tags"]["refine"], params["tags"]["limit_items"], params["tags"]["min_coverage"]
     out = artifacts.tags_dir(params, dataset_name, source_name)
     out.mkdir(parents=True, exist_ok=True)

@@ -358,3 +358,35 @@ def test_a_further_named_source_is_tagged_beside_the_datasets_own_and_records_it
     with pytest.raises(SystemExit) as stop:  # --source names what --all writes: alone it would be silently ignored
         cli.main(["tags", "generate", "food-kitchen", "--source", "large"])
     assert stop.value.code == 2
+
+
+def test_a_sources_own_llm_settings_reach_only_that_source(tmp_path, monkeypatch, root):
+    """tags.sources.<dataset>.llm lays a model and settings over the llm section for that source alone: the endpoint
+    is asked with them, and the schema checks them as it checks llm (a NaN or an unknown key is refused)."""
+    import shutil
+
+    from conftest import describe_datasets, food_kitchen_files, write_raw
+
+    from tema import schema
+
+    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
+    write_raw(tmp_path / "data" / "raw", "food-kitchen", food_kitchen_files())
+    describe_datasets(tmp_path)
+    params = yaml.safe_load((root / "profiles" / "default.yaml").read_text())
+    params["tags"]["sources"]["food-kitchen"]["llm"] = {"model": "the-sources-model", "temperature": 0.5}
+    params = profiles.derive(params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TEMA_CACHE_DIR", str(tmp_path / "cache"))
+    with StubLLM() as stub:
+        monkeypatch.setenv("OPENAI_BASE_URL", stub.base_url)
+        tags.generate("food-kitchen", config.load_params(), limit=2)
+    assert stub.requests and {(r["model"], r["temperature"]) for r in stub.requests} == {("the-sources-model", 0.5)}
+    assert config.with_source_llm(params, params["tags"]["sources"]["art-office"])["llm"] == params["llm"]
+    for bad, message in ((float("nan"), "expected a finite number"), ("hot", "expected a")):
+        params["tags"]["sources"]["food-kitchen"]["llm"]["temperature"] = bad
+        with pytest.raises(config.ParamsError, match=r"tags\.sources\.food-kitchen\.llm\.temperature: " + message):
+            schema.validate(params)
+    params["tags"]["sources"]["food-kitchen"]["llm"] = {"modle": "typo"}
+    with pytest.raises(config.ParamsError, match=r"tags\.sources\.food-kitchen\.llm\.modle: unknown key"):
+        schema.validate(params)
