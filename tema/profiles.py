@@ -4,7 +4,8 @@ A profile holds what differs from the one it `extends` (by default the embedded 
 mappings merge key by key, any other value replaces the base's. Two exceptions: a profile's `evaluations` and
 `pages` replace the base's whole, and a profile that sets `datasets` or `models` inherits no tables or pages (they
 were the base's choice for other datasets or models). `extends: smoke` lays a profile over the smoke profile, so the
-smoke settings apply to any dataset:
+smoke settings apply to any dataset, and so does its `workspace` (see "workspaces" below: such a profile is written
+into build/smoke/ and writes nothing of the repository):
 
     # profiles/my-data-smoke.yaml
     extends: smoke

@@ -223,7 +223,8 @@ def test_the_cli_adds_a_dataset_and_prints_the_profile_that_runs_it(tmp_path, mo
     out = capsys.readouterr().out
     assert "added data/raw/mine/: 5 items (A 3, B 2), examples train 1, valid 2, test 2" in out
     assert "1 users left out" in out
-    profile = yaml.safe_load(out.split("(`extends: smoke` instead for a minutes-long check):")[1].split("then:")[0])
+    profile = yaml.safe_load(out.split("(`extends: smoke` instead for a minutes-long check, which runs in the workspace "
+                                       "build/smoke/):")[1].split("then:")[0])
     # no tag source yet: TEMA runs as its ablation without tags, and is the table's reference
     assert profile["datasets"] == ["mine"] and profile["extends"] == "default"
     assert profile["evaluations"]["mine"]["models"] == ["popularity", "gru4rec", "sasrec", "sasrec-text", "c2dsr", "tema-no-tags"]
