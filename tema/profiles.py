@@ -261,11 +261,11 @@ def overlay(params: dict[str, Any], overrides: dict[str, Any], name: str, since:
 # The repository's params.yaml, dvc.lock, reports/ and data/ are never touched by it.
 
 WORKSPACE_MARK = ".tema-workspace"  # in a workspace's root: `tema profile` there writes its own params.yaml
-# what a workspace holds of the repository: the code and pipeline (mirrored on every `tema profile`) and the inputs
-# (raw data, committed tags and answer cache, the committed searches the report stage reads), copied, never linked,
-# so that nothing a workspace run writes can reach a committed file
-MIRRORED = ("dvc.yaml", ".dvcignore", "tema", "notebooks", "profiles", "vendor", "examples", "data/raw", "data/tags",
-            "data/tags-cache", "reports/tuning")
+# what a workspace holds of the repository: the code and pipeline (mirrored on every `tema profile`), DVC's plot
+# templates and the inputs (raw data, committed tags and answer cache), copied, never linked, so that nothing a
+# workspace run writes can reach a committed file. Its reports/tuning/ starts empty: its searches are its own.
+MIRRORED = ("dvc.yaml", ".dvcignore", ".dvc/plots", "tema", "notebooks", "profiles", "vendor", "examples", "data/raw",
+            "data/tags", "data/tags-cache")
 EXACT = ("tema", "notebooks", "vendor")  # mirrored exactly: a file removed from the repository goes from the workspace
 SKIPPED = ("__pycache__", ".ipynb_checkpoints")
 
@@ -314,7 +314,7 @@ def sync_workspace(workspace: Path) -> Path:
         src = root / rel
         if not src.exists():
             continue
-        if src.is_dir():  # an empty one too (reports/tuning/, which the report stage depends on, may be empty)
+        if src.is_dir():
             (workspace / rel).mkdir(parents=True, exist_ok=True)
         wanted = set()
         for path in _files(src):
@@ -328,6 +328,7 @@ def sync_workspace(workspace: Path) -> Path:
             for extra in _files(workspace / rel):
                 if extra not in wanted:
                     extra.unlink()
+    (workspace / "reports" / "tuning").mkdir(parents=True, exist_ok=True)  # the report stage depends on the folder
     dvc_dir = workspace / ".dvc"
     dvc_dir.mkdir(exist_ok=True)
     text = (root / ".dvc" / "config").read_text(encoding="utf-8") if (root / ".dvc" / "config").is_file() else "[core]\n"
