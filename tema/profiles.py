@@ -266,7 +266,9 @@ WORKSPACE_MARK = ".tema-workspace"  # in a workspace's root: `tema profile` ther
 # workspace run writes can reach a committed file. Its reports/tuning/ starts empty: its searches are its own.
 MIRRORED = ("dvc.yaml", ".dvcignore", ".dvc/plots", "tema", "notebooks", "profiles", "vendor", "examples", "data/raw",
             "data/tags", "data/tags-cache")
-EXACT = ("tema", "notebooks", "vendor")  # mirrored exactly: a file removed from the repository goes from the workspace
+# mirrored exactly: a file removed from the repository goes from the workspace (a profile too: write profiles in the
+# repository's profiles/; the workspace's pages link the profiles it has)
+EXACT = ("tema", "notebooks", "profiles", "vendor", ".dvc/plots")
 SKIPPED = ("__pycache__", ".ipynb_checkpoints")
 
 

@@ -133,6 +133,10 @@ def test_a_test_scale_profile_is_written_into_its_workspace(repo, capsys):
     (repo / "tema" / "gone.py").unlink()
     assert cli.main(["profile", "smoke"]) == 0
     assert (workspace / "tema" / "code.py").read_text() == "x = 2\n" and not (workspace / "tema" / "gone.py").exists()
+    (repo / "profiles" / "mine-smoke.yaml").unlink()  # profiles/ mirrors the repository's: it goes from the workspace
+    assert cli.main(["profile", "smoke"]) == 0 and not (workspace / "profiles" / "mine-smoke.yaml").exists()
+    (repo / "profiles" / "mine-smoke.yaml").write_text("extends: smoke\ndatasets: [mine]\nmodels: [popularity]\n")
+    assert cli.main(["profile", "smoke"]) == 0
     with contextlib.chdir(workspace):  # inside the workspace, tema profile writes the workspace's params.yaml
         assert cli.main(["profile", "mine-smoke"]) == 0
     assert config.load_params(workspace / "params.yaml")["datasets"] == ["mine"]
